@@ -1,0 +1,70 @@
+"""Benchmarks of monai-mtl, printed as one table (run: ``python benchmarks/run.py``).
+
+All rows are measured in the same process, one after another, so ratios between them are
+comparable; absolute numbers depend on the machine (its cores and torch build are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BENCHES: dict[str, Callable[[argparse.Namespace], list[tuple[str, str, str]]]] = {}
+
+
+def bench(name: str):
+    def register(fn):
+        BENCHES[name] = fn
+        return fn
+
+    return register
+
+
+@bench("generate")
+def bench_generate(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    from monai_mtl.synthetic import CohortConfig, generate_cohort
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, os.cpu_count() or 1):
+            out = Path(tmp) / f"w{workers}"
+            start = time.perf_counter()
+            generate_cohort(out, CohortConfig(num_samples=args.num_samples), workers=workers, progress=False)
+            seconds = time.perf_counter() - start
+            rows.append(
+                (f"generate {args.num_samples} volumes, {workers} worker(s)", f"{seconds:.1f} s",
+                 f"{args.num_samples / seconds:.0f} vol/s")
+            )
+            shutil.rmtree(out)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="benchmarks to run (default: all)")
+    parser.add_argument("--num-samples", type=int, default=1500, help="cohort size for the generation benchmark")
+    args = parser.parse_args()
+    import torch
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    rows = []
+    for name in args.only or list(BENCHES):
+        rows.extend(BENCHES[name](args))
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'benchmark':<{width}} | {'time':>10} | {'rate':>14} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 16}|")
+    for what, seconds, rate in rows:
+        print(f"| {what:<{width}} | {seconds:>10} | {rate:>14} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Matplotlib figures (PNG): the cohort montage, and the evaluation figures of the paper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from monai_mtl import RESPONSE_NAMES  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save ``fig`` as PNG atomically (temp name, then rename) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(partial, path)
+    return path
+
+
+def _axial(volume: np.ndarray, k: int) -> np.ndarray:
+    # RAS array (x, y, z): show x to the right and anterior up
+    return volume[:, :, k].T
+
+
+def cohort_montage(dataset_dir: str | os.PathLike, output: str | os.PathLike, slices: tuple[int, ...] | None = None) -> Path:
+    """A few axial slices of the first subject of each class, with the atlas outline.
+
+    Args:
+        dataset_dir: a cohort written by :func:`monai_mtl.synthetic.generate_cohort`.
+        output: PNG path.
+        slices: axial slice indices (default: through the hippocampi, the caudate and the upper brain).
+    """
+    dataset_dir = Path(dataset_dir)
+    labels = pd.read_csv(dataset_dir / "labels.csv")
+    atlas_img = nib.load(dataset_dir / "atlas.nii.gz")
+    atlas = np.asarray(atlas_img.dataobj)
+    zooms = atlas_img.header.get_zooms()[:3]
+    nz = atlas.shape[2]
+    slices = slices or (int(round(nz * 0.33)), int(round(nz * 0.52)), int(round(nz * 0.7)))
+    fig, axes = plt.subplots(len(RESPONSE_NAMES), len(slices), figsize=(2.6 * len(slices), 3.0 * len(RESPONSE_NAMES)))
+    for row, name in enumerate(RESPONSE_NAMES):
+        subject = labels[labels["response_name"] == name].iloc[0]
+        volume = np.asarray(nib.load(dataset_dir / subject["image"]).dataobj, dtype=np.float32)
+        for col, k in enumerate(slices):
+            ax = axes[row, col]
+            ax.imshow(_axial(volume, k), cmap="gray", origin="lower", vmin=0, vmax=1, aspect=zooms[1] / zooms[0])
+            # outline of the regions the severity and class effects act on
+            ax.contour(
+                _axial(np.isin(atlas, (5, 6, 7, 8, 9)).astype(float), k), levels=[0.5], colors="tab:orange", linewidths=0.7
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"{name}\nseverity {subject['severity']:.1f}", fontsize=9)
+            if row == 0:
+                ax.set_title(f"axial slice {k}", fontsize=9)
+    fig.suptitle("Synthetic cohort: one subject per class (orange: PFC, hippocampi, caudate atlas)", fontsize=10)
+    return save_figure(fig, output)
