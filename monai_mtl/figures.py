@@ -66,3 +66,25 @@ def cohort_montage(dataset_dir: str | os.PathLike, output: str | os.PathLike, sl
                 ax.set_title(f"axial slice {k}", fontsize=9)
     fig.suptitle("Synthetic cohort: one subject per class (orange: PFC, hippocampi, caudate atlas)", fontsize=10)
     return save_figure(fig, output)
+
+
+def saliency_overlay(volume: np.ndarray, maps: dict[str, np.ndarray], output: str | os.PathLike, num_slices: int = 4) -> Path:
+    """PNG of a few axial slices of ``volume`` with each saliency map overlaid (one row per map).
+
+    Arrays are in the scan's own voxel order; slices are taken along its third axis.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim == 4:
+        volume = volume[..., 0]
+    nz = volume.shape[2]
+    ks = np.linspace(nz * 0.25, nz * 0.75, num_slices).round().astype(int)
+    fig, axes = plt.subplots(len(maps), num_slices, figsize=(2.2 * num_slices, 2.4 * len(maps)), squeeze=False)
+    for row, (head, data) in enumerate(maps.items()):
+        for col, k in enumerate(ks):
+            ax = axes[row, col]
+            ax.imshow(_axial(volume, k), cmap="gray", origin="lower")
+            ax.imshow(_axial(data, k), cmap="jet", alpha=0.4, origin="lower", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{head}, slice {k}", fontsize=8)
+    return save_figure(fig, output)

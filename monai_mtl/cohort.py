@@ -1,0 +1,251 @@
+"""Read and validate a cohort (``labels.csv`` + NIfTI files) into MONAI datalists; stratified splits.
+
+A cohort is a folder with a ``labels.csv`` holding at least ``subject_id``, ``image`` (relative to the
+CSV's folder, or absolute), ``response`` (0/1/2) and ``severity`` (0-100). Every problem is reported
+as a :class:`CohortError` naming the file, the CSV row (as a line number of the file) and the column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("subject_id", "image", "response", "severity")
+SPLIT_KEYS = ("train", "validation", "test")
+
+
+class CohortError(ValueError):
+    """A cohort that cannot be used as given; the message names the file, row and column."""
+
+
+def _line(index: int) -> int:
+    # the CSV's line number of DataFrame row `index` (line 1 is the header)
+    return int(index) + 2
+
+
+def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate ``labels.csv``; returns it with ``image`` made absolute and typed columns.
+
+    Raises:
+        CohortError: a missing or empty file, a missing column, a response not in 0/1/2, a severity
+            that is not a number in [0, 100], a duplicate subject id, or an image path that does not exist.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CohortError(f"{csv_path}: no such labels file (expected a CSV with columns {', '.join(REQUIRED_COLUMNS)})")
+    try:
+        table = pd.read_csv(csv_path, dtype={"subject_id": str, "image": str}, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{csv_path}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise CohortError(f"{csv_path}: not a readable CSV ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise CohortError(f"{csv_path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
+    if table.empty:
+        raise CohortError(f"{csv_path}: no subjects (the CSV has a header but no rows)")
+
+    for column in ("subject_id", "image"):
+        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        if blank.any():
+            raise CohortError(f"{csv_path} line {_line(blank.idxmax())}: empty '{column}'")
+    duplicated = table["subject_id"].duplicated(keep=False)
+    if duplicated.any():
+        ids = sorted(table.loc[duplicated, "subject_id"].unique())[:5]
+        lines = [_line(i) for i in table.index[duplicated]][:6]
+        raise CohortError(f"{csv_path}: duplicate subject_id {ids} on lines {lines}")
+
+    response = pd.to_numeric(table["response"], errors="coerce")
+    bad = response.isna() | ~response.isin(range(len(RESPONSE_NAMES)))
+    if bad.any():
+        i = bad.idxmax()
+        raise CohortError(
+            f"{csv_path} line {_line(i)} (subject {table.at[i, 'subject_id']}): response {table.at[i, 'response']!r} "
+            f"is not one of {list(range(len(RESPONSE_NAMES)))} ({', '.join(RESPONSE_NAMES)})"
+        )
+    severity = pd.to_numeric(table["severity"], errors="coerce")
+    bad = severity.isna() | ~np.isfinite(severity) | (severity < 0) | (severity > SEVERITY_SCALE)
+    if bad.any():
+        i = bad.idxmax()
+        raise CohortError(
+            f"{csv_path} line {_line(i)} (subject {table.at[i, 'subject_id']}): severity {table.at[i, 'severity']!r} "
+            f"is not a number in [0, {SEVERITY_SCALE:g}]"
+        )
+
+    table = table.copy()
+    table["response"] = response.astype(int)
+    table["severity"] = severity.astype(float)
+    table["image"] = [str(p if Path(p).is_absolute() else (csv_path.parent / p)) for p in table["image"].astype(str)]
+    exists = table["image"].map(os.path.isfile)
+    if not exists.all():
+        i = (~exists).idxmax()
+        raise CohortError(
+            f"{csv_path} line {_line(i)} (subject {table.at[i, 'subject_id']}): image file {table.at[i, 'image']} does not exist"
+            + (f" ({int((~exists).sum())} missing in all)" if (~exists).sum() > 1 else "")
+        )
+    return table
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, ...]:
+    """Read a NIfTI file fully and check it is a usable 3D volume; returns its 3D shape.
+
+    A 4D file with a single volume is accepted (it is squeezed when loaded).
+
+    Raises:
+        CohortError: unreadable, truncated or non-NIfTI file; not 3D; NaN/Inf voxels; a constant volume.
+    """
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files (ImageFileError, EOFError, OSError, ...)
+        raise CohortError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from None
+    shape = tuple(int(n) for n in data.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        data = data[..., 0]
+    elif len(shape) != 3:
+        raise CohortError(f"{path}: expected a 3D volume, got shape {shape}")
+    if not np.all(np.isfinite(data)):
+        raise CohortError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are NaN or infinite")
+    if data.min() == data.max():
+        raise CohortError(f"{path}: the volume is constant ({data.min()}), nothing to learn from")
+    return tuple(data.shape)
+
+
+def check_images(table: pd.DataFrame, workers: int = 4) -> None:
+    """Run :func:`check_image` on every image of a labels table (threads: decompression releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = list(pool.map(_check_or_error, table["image"]))
+    bad = [(sid, err) for sid, err in zip(table["subject_id"], errors) if err]
+    if bad:
+        more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
+        raise CohortError(f"subject {bad[0][0]}: {bad[0][1]}{more}")
+
+
+def _check_or_error(path: str) -> str | None:
+    try:
+        check_image(path)
+    except CohortError as err:
+        return str(err)
+    return None
+
+
+def stratified_split(
+    table: pd.DataFrame, test_fraction: float = 0.15, validation_fraction: float = 0.15, seed: int = 42
+) -> dict[str, list[str]]:
+    """Stratified ``train`` / ``validation`` / ``test`` subject ids.
+
+    ``test_fraction`` of the cohort is held out first; ``validation_fraction`` of the rest is carved
+    from the training side (it drives early stopping, checkpoint selection and LR scheduling).
+    """
+    for name, fraction in (("test_fraction", test_fraction), ("validation_fraction", validation_fraction)):
+        if not 0.0 < fraction < 1.0:
+            raise CohortError(f"{name} must be in (0, 1), got {fraction}")
+    counts = table["response"].value_counts()
+    smallest = int(counts.min())
+    if len(counts) < 2 or smallest < 3:
+        detail = ", ".join(f"{RESPONSE_NAMES[k]}: {int(v)}" for k, v in counts.sort_index().items())
+        raise CohortError(
+            f"cannot stratify a train/validation/test split: every response class needs at least 3 subjects "
+            f"and at least 2 classes are needed (class counts: {detail})"
+        )
+    ids = table["subject_id"].to_numpy()
+    try:
+        rest, test = train_test_split(ids, test_size=test_fraction, stratify=table["response"], random_state=seed)
+        rest_labels = table.set_index("subject_id").loc[rest, "response"]
+        train, validation = train_test_split(rest, test_size=validation_fraction, stratify=rest_labels, random_state=seed)
+    except ValueError as err:  # a class too small for the requested fractions
+        raise CohortError(f"cannot stratify the split with these class counts ({counts.to_dict()}): {err}") from None
+    split = {"train": sorted(train.tolist()), "validation": sorted(validation.tolist()), "test": sorted(test.tolist())}
+    check_disjoint(split)
+    return split
+
+
+def check_disjoint(split: dict[str, list[str]]) -> None:
+    """Raise ``CohortError`` if any subject is in two parts of a split."""
+    for i, a in enumerate(SPLIT_KEYS):
+        for b in SPLIT_KEYS[i + 1 :]:
+            shared = set(split.get(a, [])) & set(split.get(b, []))
+            if shared:
+                raise CohortError(f"split parts '{a}' and '{b}' share {len(shared)} subject(s), e.g. {sorted(shared)[:3]}")
+
+
+def to_datalist(table: pd.DataFrame, subject_ids: list[str] | None = None) -> list[dict]:
+    """MONAI datalist records ``{"image", "response", "severity", "subject_id"}`` in ``subject_ids`` order."""
+    rows = table.set_index("subject_id", drop=False)
+    if subject_ids is not None:
+        rows = rows.loc[subject_ids]
+    return [
+        {"image": r.image, "response": int(r.response), "severity": float(r.severity), "subject_id": str(r.subject_id)}
+        for r in rows.itertuples(index=False)
+    ]
+
+
+def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLike | None = None) -> Path:
+    """Return ``dataset_dir``, generating the paper's synthetic cohort first when it is ``synthetic_dir`` and empty.
+
+    Any other folder without ``labels.csv`` is an error: real cohorts are never invented.
+    """
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / "labels.csv").is_file():
+        return dataset_dir
+    if synthetic_dir is not None and dataset_dir.absolute() == Path(synthetic_dir).absolute():
+        from monai_mtl.synthetic import generate_cohort
+
+        logger.info("no cohort in %s yet: generating the paper's synthetic cohort (1500 volumes, seed 42)", dataset_dir)
+        generate_cohort(dataset_dir)
+        return dataset_dir
+    raise CohortError(f"{dataset_dir}: no labels.csv (a cohort folder needs one; see README 'Bring your own scans')")
+
+
+def prepare_datalists(
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    seed: int = 42,
+    test_fraction: float = 0.15,
+    validation_fraction: float = 0.15,
+    validate_images: bool = True,
+) -> dict[str, list[dict]]:
+    """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
+
+    An existing ``split.json`` made with the same seed and fractions for the same subjects is reused
+    (so a resumed or re-evaluated run sees the same split); anything else is an error, to keep one
+    run folder from mixing two splits.
+
+    Returns:
+        ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
+    """
+    table = read_labels(Path(dataset_dir) / "labels.csv")
+    if validate_images:
+        check_images(table)
+    settings = {"seed": int(seed), "test_fraction": float(test_fraction), "validation_fraction": float(validation_fraction)}
+    split_path = Path(output_dir) / "split.json"
+    split = stratified_split(table, test_fraction, validation_fraction, seed)
+    if split_path.is_file():
+        stored = json.loads(split_path.read_text())
+        if {k: stored.get(k) for k in SPLIT_KEYS} != split or stored.get("settings") != settings:
+            raise CohortError(
+                f"{split_path} holds another split (other subjects, seed or fractions) than this cohort gives; "
+                "use a new output_dir, or delete the old run folder"
+            )
+    else:
+        response = table.set_index("subject_id")["response"]
+        counts = {k: np.bincount(response.loc[v], minlength=len(RESPONSE_NAMES)).tolist() for k, v in split.items()}
+        atomic_write_json(
+            split_path,
+            {**split, "settings": settings, "dataset_dir": str(Path(dataset_dir).absolute()), "class_counts": counts},
+        )
+    logger.info("split: %s", {k: len(v) for k, v in split.items()})
+    return {k: to_datalist(table, split[k]) for k in SPLIT_KEYS}

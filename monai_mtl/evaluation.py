@@ -1,0 +1,126 @@
+"""Evaluate a checkpoint on a split part: per-subject predictions and the metrics of both tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from ignite.engine import Engine, Events
+
+from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.metrics import prediction_report
+from monai_mtl.networks import split_output
+
+logger = logging.getLogger(__name__)
+
+
+class PredictionCollector:
+    """Collect network outputs, targets and subject ids of every iteration of an (undecollated) evaluator."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.responses: list[torch.Tensor] = []
+        self.severities: list[torch.Tensor] = []
+        self.subject_ids: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        self.outputs.append(output["pred"].detach().float().cpu())
+        self.responses.append(output["label"]["response"].detach().cpu())
+        self.severities.append(output["label"]["severity"].detach().float().cpu())
+        ids = engine.state.batch.get("subject_id") if isinstance(engine.state.batch, dict) else None
+        n = len(self.outputs[-1])
+        self.subject_ids.extend(list(ids) if ids is not None else [""] * n)
+
+    def table(self) -> pd.DataFrame:
+        """One row per subject: ids, true/predicted class (index and name), class probabilities, severities on 0-100."""
+        logits, severity = split_output(torch.cat(self.outputs))
+        probabilities = torch.softmax(logits, dim=1).numpy()
+        true_response = torch.cat(self.responses).numpy().astype(int)
+        pred_response = probabilities.argmax(axis=1)
+        table = pd.DataFrame(
+            {
+                "subject_id": self.subject_ids,
+                "true_response": true_response,
+                "true_response_name": [RESPONSE_NAMES[i] for i in true_response],
+                "pred_response": pred_response,
+                "pred_response_name": [RESPONSE_NAMES[i] for i in pred_response],
+            }
+        )
+        for i, name in enumerate(RESPONSE_NAMES):
+            table[f"prob_{name}"] = probabilities[:, i]
+        table["true_severity"] = torch.cat(self.severities).numpy() * SEVERITY_SCALE
+        table["pred_severity"] = severity.numpy() * SEVERITY_SCALE
+        return table
+
+
+def predict(evaluator: Engine) -> pd.DataFrame:
+    """Run ``evaluator`` once over its data and return :meth:`PredictionCollector.table`."""
+    collector = PredictionCollector()
+    handle = evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector)
+    try:
+        evaluator.run()
+    finally:
+        handle.remove()
+    if not collector.outputs:
+        raise ValueError("the evaluation data is empty: nothing to predict")
+    return collector.table()
+
+
+def report_from_predictions(table: pd.DataFrame) -> dict:
+    """:func:`~monai_mtl.metrics.prediction_report` of a predictions table."""
+    return prediction_report(
+        table["true_response"].to_numpy(),
+        table["pred_response"].to_numpy(),
+        table["true_severity"].to_numpy(),
+        table["pred_severity"].to_numpy(),
+    )
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load ``checkpoint`` (a ``{"model": state_dict}`` file from ``CheckpointSaver``, or a bare state dict)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    target = network.module if hasattr(network, "module") else network
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint} does not fit the network {type(target).__name__}: {err}") from None
+
+
+def evaluate_checkpoint(
+    evaluator: Engine,
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    prefix: str = "test",
+) -> dict:
+    """Load ``checkpoint`` into ``network``, predict ``evaluator``'s data once and write the results.
+
+    Writes ``<output_dir>/<prefix>_metrics.json`` and ``<output_dir>/<prefix>_predictions.csv``
+    (atomically). Used once, at the end of training, on the test part.
+    """
+    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
+    table = predict(evaluator)
+    metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
+    output_dir = Path(output_dir)
+    atomic_write_text(output_dir / f"{prefix}_predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(output_dir / f"{prefix}_metrics.json", metrics)
+    logger.info(
+        "%s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s",
+        prefix, metrics["accuracy"], metrics["severity_mae"], metrics["n"], output_dir / f"{prefix}_metrics.json",
+    )
+    return metrics
+
+
+__all__ = ["PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint"]

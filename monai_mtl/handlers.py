@@ -1,0 +1,153 @@
+"""Ignite/MONAI event handlers for multi-task training: gradient clipping, learning-rate and image logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+
+logger = logging.getLogger(__name__)
+
+
+class GradientClipHandler:
+    """Clip the global gradient norm after backward, before the optimizer step.
+
+    MONAI's ``SupervisedTrainer`` has no clipping option; this handler runs on
+    ``IterationEvents.BACKWARD_COMPLETED``. Under AMP the gradients are unscaled first (the
+    ``GradScaler`` remembers it and does not unscale again in ``step``). The norm before clipping is
+    put in the iteration output as ``grad_norm``.
+
+    Args:
+        max_norm: largest allowed L2 norm of all gradients together (paper: 1.0); ``None`` or <= 0 disables.
+    """
+
+    def __init__(self, max_norm: float | None = 1.0) -> None:
+        self.max_norm = max_norm
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.max_norm or self.max_norm <= 0:
+            return
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if isinstance(engine.state.output, dict):
+            engine.state.output["grad_norm"] = norm.detach()
+
+
+class LearningRateRecorder:
+    """Put the optimizer's learning rate of the epoch into ``engine.state.metrics[name]`` when the epoch starts.
+
+    Recorded at the start so that it is the rate the epoch trained with, even when a scheduler on
+    the validation run changes it at the epoch's end; stats and TensorBoard handlers log it with the
+    other epoch metrics.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str = "learning_rate") -> None:
+        self.optimizer, self.name = optimizer, name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])
+
+
+class TensorBoardSliceHandler:
+    """Log the middle axial slice of the first input of each evaluation run as a TensorBoard image.
+
+    MONAI's ``TensorBoardImageHandler`` renders 3D volumes as animated GIFs and expects image/label
+    pairs; a plain slice is what a reader compares across epochs.
+
+    Args:
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (shared with the stats handler).
+        tag: image tag.
+        global_epoch_transform: maps the engine's epoch to the step (e.g. the trainer's epoch).
+    """
+
+    def __init__(
+        self,
+        summary_writer,
+        tag: str = "val_input_axial_slice",
+        global_epoch_transform: Callable[[int], int] = lambda e: e,
+    ) -> None:
+        self.writer, self.tag, self.global_epoch_transform = summary_writer, tag, global_epoch_transform
+        self._slice: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._grab)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._slice = None
+
+    def _grab(self, engine: Engine) -> None:
+        if self._slice is not None:
+            return
+        image = engine.state.output["image"] if isinstance(engine.state.output, dict) else None
+        if image is not None and image.ndim == 5:
+            volume = image[0, 0].detach().float().cpu()
+            self._slice = volume[:, :, volume.shape[2] // 2].T.flip(0)  # x right, anterior up
+
+    def _write(self, engine: Engine) -> None:
+        if self._slice is None:
+            return
+        s = self._slice
+        s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-8)
+        self.writer.add_image(self.tag, s.unsqueeze(0), self.global_epoch_transform(engine.state.epoch))
+        self.writer.flush()
+
+
+class PreciseBatchNormHandler:
+    """Recompute batch-norm running statistics with the current weights before validation ("precise BN").
+
+    Running statistics are an exponential average over the last ~10 training batches, taken while
+    the weights were still moving. Early in training (small convolution weights, Adam steps) they lag
+    so far behind that the network in eval mode predicted one class for every validation subject,
+    while the same weights with fresh statistics were right. This handler resets the statistics and
+    re-estimates them as a plain average over ``num_batches`` training batches (no gradients), so
+    validation, checkpoint selection and the saved model all use statistics of the current weights.
+
+    Attach it to the trainer before the ``ValidationHandler`` (handlers of one event run in order).
+
+    Args:
+        num_batches: training batches to average over.
+        interval: recalibrate every ``interval`` epochs (use the validation interval).
+        data_loader: loader to draw batches from (default: the trainer's).
+    """
+
+    def __init__(self, num_batches: int = 25, interval: int = 1, data_loader=None) -> None:
+        self.num_batches, self.interval, self.data_loader = num_batches, interval, data_loader
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        network = engine.network
+        norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms or self.num_batches <= 0:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        was_training = network.training
+        network.train()
+        loader = self.data_loader if self.data_loader is not None else engine.data_loader
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= self.num_batches:
+                    break
+                inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)[:2]
+                network(inputs)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        network.train(was_training)

@@ -1,0 +1,235 @@
+"""Inference on new scans: input discovery with per-file checks, a predictions CSV, and Grad-CAM saliency maps.
+
+Every input file is checked before the batch run (:func:`monai_mtl.cohort.check_image`); a bad file
+gets its row in ``predictions.csv`` with the ``error`` column filled and the others are still
+processed. Saliency maps are computed on the model's grid and resampled, through the affines MONAI
+tracks, back onto each input scan's own grid, so they overlay the scan in any NIfTI viewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+from monai.visualize import GradCAM
+from torch import nn
+
+from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl.cohort import CohortError, _check_or_error
+from monai_mtl.io import atomic_write_text
+from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
+from monai_mtl.synthetic import ATLAS_LABELS, nifti_image
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PREDICTION_COLUMNS = (
+    "image", "pred_response", "pred_response_name",
+    *(f"prob_{n}" for n in RESPONSE_NAMES), "pred_severity", "error",
+)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def find_inputs(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[str]:
+    """Input scans: every NIfTI file in a folder (sorted), or the ``image`` column of a CSV.
+
+    Raises:
+        CohortError: nothing there, a folder without NIfTI files, or a CSV without the image column.
+    """
+    source = Path(dataset_dir)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        table = pd.read_csv(source, dtype=str)
+        if image_column not in table.columns:
+            raise CohortError(f"{source}: no '{image_column}' column (columns: {list(table.columns)})")
+        paths = [p if Path(p).is_absolute() else str(source.parent / p) for p in table[image_column].dropna()]
+        if not paths:
+            raise CohortError(f"{source}: the '{image_column}' column is empty")
+        return paths
+    if source.is_dir():
+        paths = sorted(str(p) for p in source.iterdir() if p.is_file() and _is_nifti(p))
+        if not paths:
+            raise CohortError(f"{source}: no NIfTI files (*.nii, *.nii.gz) in this folder")
+        return paths
+    raise CohortError(f"{source}: not a folder of NIfTI files nor a CSV file")
+
+
+def prepare_inputs(dataset_dir: str | os.PathLike, workers: int = 4) -> tuple[list[dict], list[dict]]:
+    """Check every input; returns ``(datalist of usable inputs, error rows of the others)``.
+
+    Raises:
+        CohortError: when no input is usable.
+    """
+    paths = find_inputs(dataset_dir)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = list(pool.map(_check_or_error, paths))
+    good = [{"image": p} for p, e in zip(paths, errors) if e is None]
+    bad = [{"image": p, "error": e} for p, e in zip(paths, errors) if e is not None]
+    for row in bad:
+        logger.warning("skipping %s", row["error"])
+    if not good:
+        raise CohortError(f"{dataset_dir}: none of the {len(paths)} input file(s) is usable; first error: {bad[0]['error']}")
+    return good, bad
+
+
+class HeadSelector(nn.Module):
+    """Wrap a multi-task network so its forward returns one head, as ``GradCAM`` expects.
+
+    ``head="response"`` returns the ``(B, num_classes)`` logits; ``head="severity"`` returns ``(B, 1)``.
+    """
+
+    def __init__(self, network: nn.Module, head: str, num_classes: int = NUM_RESPONSE_CLASSES) -> None:
+        super().__init__()
+        if head not in ("response", "severity"):
+            raise ValueError(f"head must be 'response' or 'severity', got {head!r}")
+        self.network, self.head, self.num_classes = network, head, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, severity = split_output(self.network(x), self.num_classes)
+        return logits if self.head == "response" else severity[:, None]
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES[::-1]:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class PredictionWriter:
+    """Collect predictions of an inference evaluator and write ``predictions.csv`` when it completes.
+
+    Rows of inputs that failed their checks (``error_rows``) are written too, with ``error`` filled.
+    Optionally computes Grad-CAM saliency per head and writes it as NIfTI in each input's space
+    (``<output_dir>/saliency/<stem>_response.nii.gz`` and ``<stem>_severity.nii.gz``), PNG overlays of
+    the first ``saliency_png`` inputs, and, when ``atlas`` is given and an input lies on its grid,
+    the mean saliency per atlas region (``saliency/region_saliency.csv``).
+
+    Args:
+        output_dir: folder for ``predictions.csv`` and ``saliency/``.
+        error_rows: ``{"image", "error"}`` rows of unusable inputs.
+        saliency: compute and write saliency maps.
+        target_layer: network layer Grad-CAM reads (e.g. ``"encoder.2"``).
+        atlas: optional atlas NIfTI (the synthetic cohort's ``atlas.nii.gz``).
+        saliency_png: how many inputs get a PNG overlay.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        error_rows: list[dict] | None = None,
+        saliency: bool = False,
+        target_layer: str = "encoder.2",
+        atlas: str | os.PathLike | None = None,
+        saliency_png: int = 3,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.error_rows = list(error_rows or [])
+        self.saliency, self.target_layer, self.saliency_png = saliency, target_layer, saliency_png
+        self.atlas_path = Path(atlas) if atlas and Path(atlas).is_file() else None
+        self.rows: list[dict] = []
+        self.region_rows: list[dict] = []
+        self._cams: dict[str, GradCAM] = {}
+        self._pngs_written = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        image = batch["image"]
+        paths = list(image.meta["filename_or_obj"])
+        logits, severity = split_output(engine.state.output["pred"].detach().float().cpu())
+        probabilities = torch.softmax(logits, dim=1)
+        for i, path in enumerate(paths):
+            row = {"image": path, "pred_response": int(probabilities[i].argmax())}
+            row["pred_response_name"] = RESPONSE_NAMES[row["pred_response"]]
+            row.update({f"prob_{n}": float(probabilities[i, k]) for k, n in enumerate(RESPONSE_NAMES)})
+            row.update(pred_severity=float(severity[i]) * SEVERITY_SCALE, error="")
+            self.rows.append(row)
+        if self.saliency:
+            self._write_saliency(engine, image, probabilities.argmax(dim=1))
+
+    def _gradcam(self, network: nn.Module, head: str) -> GradCAM:
+        if head not in self._cams:
+            self._cams[head] = GradCAM(nn_module=HeadSelector(network, head), target_layers=f"network.{self.target_layer}")
+        return self._cams[head]
+
+    def _write_saliency(self, engine: Engine, image: MetaTensor, predicted: torch.Tensor) -> None:
+        network = engine.network
+        network.eval()
+        inputs = image.as_tensor().to(engine.state.device)
+        maps = {
+            "response": self._gradcam(network, "response")(inputs, class_idx=predicted.to(inputs.device)),
+            "severity": self._gradcam(network, "severity")(inputs, class_idx=0),
+        }
+        folder = self.output_dir / "saliency"
+        folder.mkdir(parents=True, exist_ok=True)
+        resample = SpatialResample(mode="bilinear", padding_mode="zeros")
+        for i in range(inputs.shape[0]):
+            path = image.meta["filename_or_obj"][i]
+            source = nib.load(path)
+            dst_affine = torch.as_tensor(source.affine, dtype=torch.float64)
+            in_space = {}
+            for head, cam in maps.items():
+                on_model_grid = MetaTensor(cam[i].detach().float().cpu(), affine=image.affine[i])
+                resampled = resample(on_model_grid, dst_affine=dst_affine, spatial_size=source.shape[:3])
+                data = np.asarray(resampled[0].detach().cpu().numpy(), dtype=np.float32)
+                in_space[head] = data
+                _save_nifti_atomic(nifti_image(data, source.affine), folder / f"{_stem(path)}_{head}.nii.gz")
+            self._region_means(path, source, in_space)
+            if self._pngs_written < self.saliency_png:
+                from monai_mtl.figures import saliency_overlay
+
+                self._pngs_written += 1
+                saliency_overlay(np.asanyarray(source.dataobj), in_space, folder / f"{_stem(path)}_saliency.png")
+
+    def _region_means(self, path: str, source: nib.Nifti1Image, maps: dict[str, np.ndarray]) -> None:
+        if self.atlas_path is None:
+            return
+        atlas = nib.load(self.atlas_path)
+        if atlas.shape[:3] != source.shape[:3] or not np.allclose(atlas.affine, source.affine, atol=1e-4):
+            return
+        labels = np.asarray(atlas.dataobj)
+        for head, data in maps.items():
+            row = {"image": path, "head": head}
+            row.update({name: float(data[labels == k].mean()) for k, name in ATLAS_LABELS.items() if (labels == k).any()})
+            self.region_rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        table = pd.DataFrame(self.rows + self.error_rows, columns=list(PREDICTION_COLUMNS))
+        table["error"] = table["error"].fillna("")
+        atomic_write_text(self.output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+        logger.info("wrote %d predictions (%d errors) to %s", len(self.rows), len(self.error_rows), self.output_dir / "predictions.csv")
+        if self.region_rows:
+            regions = pd.DataFrame(self.region_rows)
+            atomic_write_text(self.output_dir / "saliency" / "region_saliency.csv", regions.to_csv(index=False, float_format="%.6g"))
+
+
+def _save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial.nii.gz")
+    nib.save(image, partial)
+    os.replace(partial, path)
+
+
+def find_atlas(dataset_dir: str | os.PathLike) -> str | None:
+    """The synthetic cohort's ``atlas.nii.gz`` next to the inputs (or next to the CSV), if there is one."""
+    source = Path(dataset_dir)
+    folder = source.parent if source.is_file() else source
+    for candidate in (folder / "atlas.nii.gz", folder.parent / "atlas.nii.gz"):
+        if candidate.is_file():
+            return str(candidate)
+    return None

@@ -1,0 +1,133 @@
+"""Networks: the dual-path multi-task 3D CNN, and helpers to read its single output tensor.
+
+MONAI's bundle tools (``verify_net_in_out``, ``ckpt_export``) and TorchScript need a network that
+returns one tensor shaped ``(B, C)``. :class:`DualPathNet` therefore returns ``(B, num_classes + 1)``:
+the response logits (softmax gives the class probabilities) followed by the sigmoid severity in
+[0, 1]. :func:`split_output` takes it apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+NUM_RESPONSE_CLASSES = 3
+
+
+def split_output(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(response_logits (B, num_classes), severity (B,) in [0, 1])`` from a network output ``(B, num_classes + 1)``."""
+    if output.ndim != 2 or output.shape[1] != num_classes + 1:
+        raise ValueError(f"expected a network output of shape (B, {num_classes + 1}), got {tuple(output.shape)}")
+    return output[:, :num_classes], output[:, num_classes]
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool3d(kernel_size=2))
+    return nn.Sequential(*layers)
+
+
+class TaskAttention(nn.Module):
+    """Channel (squeeze-excitation) then spatial attention over shared features, for one task path.
+
+    Each task re-weights the shared encoder's channels and voxels its own way, so the severity path
+    can attend to the hippocampi and cortex while the response path looks elsewhere too.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.channel = nn.Sequential(
+            nn.AdaptiveAvgPool3d(1),
+            nn.Conv3d(channels, hidden, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(hidden, channels, kernel_size=1),
+            nn.Sigmoid(),
+        )
+        self.spatial = nn.Sequential(nn.Conv3d(channels, 1, kernel_size=3, padding=1), nn.Sigmoid())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features * self.channel(features)
+        return features * self.spatial(features)
+
+
+class TaskHead(nn.Module):
+    """One task path: attention, global average pooling, dropout and two dense layers."""
+
+    def __init__(self, channels: int, hidden: int, out_features: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = TaskAttention(channels)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(self.attention(features)))
+
+
+class DualPathNet(nn.Module):
+    """Shared 3D encoder with two attention task paths: response classification and severity regression.
+
+    The encoder is a stack of conv-BN-ReLU(-max-pool) blocks. The first convolution has stride 2 on
+    every axis (the input is small and smooth, and this makes CPU training several times faster);
+    later blocks halve the grid with max pooling.
+
+    Args:
+        in_channels: image channels.
+        num_classes: response classes.
+        channels: encoder widths, one block each.
+        strides: stride of each block's convolution.
+        hidden: width of each head's hidden dense layer.
+        dropout: dropout probability in the heads.
+
+    Returns (forward):
+        ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
+
+    Example:
+        >>> net = DualPathNet()
+        >>> net(torch.zeros(2, 1, 64, 64, 16)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = NUM_RESPONSE_CLASSES,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[int] = (2, 1, 1, 1),
+        hidden: int = 64,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f"channels and strides need the same length, got {len(channels)} and {len(strides)}")
+        blocks = []
+        width = in_channels
+        for i, (out, stride) in enumerate(zip(channels, strides)):
+            # no pooling after the strided stem nor after the last block (the heads pool globally)
+            pool = 0 < i < len(channels) - 1
+            blocks.append(_conv_block(width, out, stride=stride, pool=pool))
+            width = out
+        self.encoder = nn.Sequential(*blocks)
+        self.num_classes = num_classes
+        self.response_head = TaskHead(width, hidden, num_classes, dropout)
+        self.severity_head = TaskHead(width, hidden, 1, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        response_logits = self.response_head(features)
+        severity = torch.sigmoid(self.severity_head(features))
+        return torch.cat([response_logits, severity], dim=1)
