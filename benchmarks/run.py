@@ -45,10 +45,45 @@ def bench_generate(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return rows
 
 
+@bench("infer")
+def bench_infer(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Inference workflow (bundle inference.json) on synthetic volumes, with and without saliency."""
+    import logging
+
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    from monai_mtl.networks import DualPathNet
+    from monai_mtl.synthetic import CohortConfig, generate_cohort
+
+    logging.getLogger("monai_mtl").setLevel(logging.WARNING)
+    config = str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = Path(tmp) / "cohort"
+        generate_cohort(cohort, CohortConfig(num_samples=args.infer_samples), progress=False)
+        ckpt = Path(tmp) / "model.pt"
+        torch.save(DualPathNet().state_dict(), ckpt)
+        for saliency in (False, True):
+            workflow = ConfigWorkflow(
+                config_file=config, workflow_type="infer", logging_file=False,
+                dataset_dir=str(cohort / "images"), output_dir=str(Path(tmp) / f"out{saliency}"),
+                ckpt_path=str(ckpt), saliency=saliency, saliency_png=0,
+            )
+            workflow.initialize()
+            start = time.perf_counter()
+            workflow.run()
+            seconds = time.perf_counter() - start
+            what = f"inference on {args.infer_samples} volumes" + (" + Grad-CAM NIfTI (2 heads)" if saliency else "")
+            rows.append((what, f"{seconds:.1f} s", f"{args.infer_samples / seconds:.0f} vol/s"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="benchmarks to run (default: all)")
     parser.add_argument("--num-samples", type=int, default=1500, help="cohort size for the generation benchmark")
+    parser.add_argument("--infer-samples", type=int, default=300, help="volumes for the inference benchmark")
     args = parser.parse_args()
     import torch
 

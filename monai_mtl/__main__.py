@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -80,6 +81,37 @@ def _run_montage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cv(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "cv",
+        help="stratified k-fold cross-validation with the bundle's training config",
+        description="Train and test one bundle run per fold (folds already finished are not rerun), "
+        "then write cv_folds.csv, cv_summary.json and cv_summary.md to the output folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--folds", type=int, default=5, help="number of folds")
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--output-dir", default="runs/cv", help="folder for fold_<i>/ runs and the summary")
+    p.add_argument("--fold", type=int, default=None, help="run only this fold (0-based), e.g. as one cluster job")
+    p.add_argument("--max-epochs", type=int, default=None, help="override the config's max_epochs")
+    p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides")
+    p.set_defaults(func=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from monai_mtl.crossval import DEFAULT_CONFIG, cross_validate
+
+    overrides = dict(item.split("=", 1) for item in args.override)
+    if args.max_epochs is not None:
+        overrides["max_epochs"] = args.max_epochs
+    cross_validate(
+        args.folds, args.dataset_dir, args.output_dir, fold=args.fold,
+        config_files=args.config_file or [DEFAULT_CONFIG], overrides=overrides,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_mtl`` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(
@@ -92,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_montage(subparsers)
+    _add_cv(subparsers)
     return parser
 
 
@@ -104,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, subprocess.CalledProcessError) as err:
         # bad arguments or paths: one clear line, no traceback
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     return 1  # pragma: no cover

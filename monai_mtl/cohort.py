@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
 from monai_mtl.io import atomic_write_json
@@ -143,12 +143,19 @@ def _check_or_error(path: str) -> str | None:
 
 
 def stratified_split(
-    table: pd.DataFrame, test_fraction: float = 0.15, validation_fraction: float = 0.15, seed: int = 42
+    table: pd.DataFrame,
+    test_fraction: float = 0.15,
+    validation_fraction: float = 0.15,
+    seed: int = 42,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> dict[str, list[str]]:
     """Stratified ``train`` / ``validation`` / ``test`` subject ids.
 
     ``test_fraction`` of the cohort is held out first; ``validation_fraction`` of the rest is carved
     from the training side (it drives early stopping, checkpoint selection and LR scheduling).
+    With ``num_folds > 1`` the test part is instead fold ``fold`` of a stratified k-fold partition
+    (seeded), and the validation part is carved from the other folds.
     """
     for name, fraction in (("test_fraction", test_fraction), ("validation_fraction", validation_fraction)):
         if not 0.0 < fraction < 1.0:
@@ -162,8 +169,17 @@ def stratified_split(
             f"and at least 2 classes are needed (class counts: {detail})"
         )
     ids = table["subject_id"].to_numpy()
+    if num_folds > 1 and not 0 <= fold < num_folds:
+        raise CohortError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
+    if num_folds > 1 and smallest < num_folds:
+        raise CohortError(f"cannot make {num_folds} stratified folds: the smallest class has {smallest} subjects")
     try:
-        rest, test = train_test_split(ids, test_size=test_fraction, stratify=table["response"], random_state=seed)
+        if num_folds > 1:
+            folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+            rest_index, test_index = list(folds.split(ids, table["response"]))[fold]
+            rest, test = ids[rest_index], ids[test_index]
+        else:
+            rest, test = train_test_split(ids, test_size=test_fraction, stratify=table["response"], random_state=seed)
         rest_labels = table.set_index("subject_id").loc[rest, "response"]
         train, validation = train_test_split(rest, test_size=validation_fraction, stratify=rest_labels, random_state=seed)
     except ValueError as err:  # a class too small for the requested fractions
@@ -210,6 +226,13 @@ def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLi
     raise CohortError(f"{dataset_dir}: no labels.csv (a cohort folder needs one; see README 'Bring your own scans')")
 
 
+def _is_main_process() -> bool:
+    # under torch.distributed only rank 0 writes files
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def prepare_datalists(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -217,12 +240,17 @@ def prepare_datalists(
     test_fraction: float = 0.15,
     validation_fraction: float = 0.15,
     validate_images: bool = True,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> dict[str, list[dict]]:
     """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
 
     An existing ``split.json`` made with the same seed and fractions for the same subjects is reused
     (so a resumed or re-evaluated run sees the same split); anything else is an error, to keep one
     run folder from mixing two splits.
+
+    With ``num_folds > 1`` the test part is fold ``fold`` of a stratified k-fold partition
+    (cross-validation); ``test_fraction`` is then unused.
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
@@ -231,8 +259,10 @@ def prepare_datalists(
     if validate_images:
         check_images(table)
     settings = {"seed": int(seed), "test_fraction": float(test_fraction), "validation_fraction": float(validation_fraction)}
+    if num_folds > 1:
+        settings.update(num_folds=int(num_folds), fold=int(fold))
     split_path = Path(output_dir) / "split.json"
-    split = stratified_split(table, test_fraction, validation_fraction, seed)
+    split = stratified_split(table, test_fraction, validation_fraction, seed, num_folds, fold)
     if split_path.is_file():
         stored = json.loads(split_path.read_text())
         if {k: stored.get(k) for k in SPLIT_KEYS} != split or stored.get("settings") != settings:
@@ -240,7 +270,7 @@ def prepare_datalists(
                 f"{split_path} holds another split (other subjects, seed or fractions) than this cohort gives; "
                 "use a new output_dir, or delete the old run folder"
             )
-    else:
+    elif _is_main_process():
         response = table.set_index("subject_id")["response"]
         counts = {k: np.bincount(response.loc[v], minlength=len(RESPONSE_NAMES)).tolist() for k, v in split.items()}
         atomic_write_json(

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from ignite.engine import Engine, Events
@@ -123,4 +124,91 @@ def evaluate_checkpoint(
     return metrics
 
 
-__all__ = ["PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint"]
+def bootstrap_intervals(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals (subjects resampled with replacement) of accuracy and severity MAE."""
+    rng = np.random.default_rng(seed)
+    correct = (table["true_response"] == table["pred_response"]).to_numpy(dtype=float)
+    errors = (table["pred_severity"] - table["true_severity"]).abs().to_numpy()
+    draws = rng.integers(0, len(table), size=(n_resamples, len(table)))
+    low, high = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    accuracy = correct[draws].mean(axis=1)
+    mae = errors[draws].mean(axis=1)
+    return {
+        "level": level,
+        "n_resamples": n_resamples,
+        "accuracy": [float(np.percentile(accuracy, low)), float(np.percentile(accuracy, high))],
+        "severity_mae": [float(np.percentile(mae, low)), float(np.percentile(mae, high))],
+    }
+
+
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of a TensorBoard log folder: tag -> [(step, value)] (the last value written per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in events.Scalars(tag)}
+        scalars[tag] = sorted(by_step.items())
+    return scalars
+
+
+def evaluate_run(
+    evaluator: Engine,
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    summary_writer=None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Evaluate a training run's best checkpoint on its test part and write the paper's outputs.
+
+    Writes to ``output_dir``: ``predictions.csv``, ``metrics.json`` (all metrics of
+    :func:`~monai_mtl.metrics.prediction_report` plus 95% bootstrap intervals of accuracy and MAE),
+    and the figures ``confusion_matrix.png``, ``severity_scatter.png``, ``severity_error_histogram.png``
+    and ``training_curves.png`` (from the run's TensorBoard logs), also logged to TensorBoard when
+    ``summary_writer`` is given. Metrics and predictions are written last, so a failed evaluation
+    leaves no ``metrics.json`` that looks complete.
+    """
+    from monai_mtl import figures
+
+    output_dir = Path(output_dir)
+    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
+    table = predict(evaluator)
+    metrics = {
+        "checkpoint": str(Path(checkpoint).absolute()),
+        **report_from_predictions(table),
+        "bootstrap_95": bootstrap_intervals(table, n_bootstrap, seed),
+    }
+    written = [
+        figures.confusion_matrix_figure(metrics["confusion_matrix"], output_dir / "confusion_matrix.png"),
+        *figures.severity_figures(
+            table["true_severity"], table["pred_severity"],
+            output_dir / "severity_scatter.png", output_dir / "severity_error_histogram.png",
+        ),
+    ]
+    log_dir = output_dir / "tensorboard"
+    if log_dir.is_dir():
+        written.append(figures.training_curves(read_scalars(log_dir), output_dir / "training_curves.png"))
+    if summary_writer is not None:
+        import matplotlib.image
+
+        for path in written:
+            summary_writer.add_image(f"evaluation/{path.stem}", matplotlib.image.imread(path)[..., :3], dataformats="HWC")
+        summary_writer.flush()
+    atomic_write_text(output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    logger.info(
+        "evaluation: accuracy %.4f %s, severity MAE %.2f %s (n=%d) -> %s",
+        metrics["accuracy"], metrics["bootstrap_95"]["accuracy"], metrics["severity_mae"],
+        metrics["bootstrap_95"]["severity_mae"], metrics["n"], output_dir / "metrics.json",
+    )
+    return metrics
+
+
+__all__ = [
+    "PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint",
+    "bootstrap_intervals", "read_scalars", "evaluate_run",
+]

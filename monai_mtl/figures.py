@@ -88,3 +88,65 @@ def saliency_overlay(volume: np.ndarray, maps: dict[str, np.ndarray], output: st
             ax.set_yticks([])
             ax.set_title(f"{head}, slice {k}", fontsize=8)
     return save_figure(fig, output)
+
+
+def confusion_matrix_figure(matrix: np.ndarray | list, output: str | os.PathLike, title: str = "Confusion matrix") -> Path:
+    """Confusion matrix (rows: true class) with counts in each cell."""
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(matrix, cmap="Blues")
+    names = [n.replace("_", " ") for n in RESPONSE_NAMES]
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, int(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
+    ax.set_title(title)
+    return save_figure(fig, output)
+
+
+def severity_figures(true: np.ndarray, pred: np.ndarray, scatter: str | os.PathLike, histogram: str | os.PathLike) -> tuple[Path, Path]:
+    """Predicted-vs-actual severity scatter with the identity line, and the error histogram (the paper's Figure 4)."""
+    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    mae = float(np.abs(pred - true).mean())
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.scatter(true, pred, s=10, alpha=0.7)
+    ax.plot([0, 100], [0, 100], "r--", lw=1, label="identity")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("actual severity")
+    ax.set_ylabel("predicted severity")
+    ax.set_title(f"Severity (MAE {mae:.2f})")
+    ax.legend(loc="upper left")
+    first = save_figure(fig, scatter)
+    fig, ax = plt.subplots(figsize=(4.4, 3.4))
+    ax.hist(pred - true, bins=30, color="tab:blue", alpha=0.8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("predicted − actual severity")
+    ax.set_ylabel("subjects")
+    ax.set_title(f"Severity error (MAE {mae:.2f})")
+    return first, save_figure(fig, histogram)
+
+
+def training_curves(scalars: dict[str, list[tuple[int, float]]], output: str | os.PathLike) -> Path:
+    """Accuracy, severity MAE and losses per epoch, train and validation (the paper's Figure 2).
+
+    Args:
+        scalars: tag -> [(epoch, value)], e.g. read from the run's TensorBoard events.
+    """
+    panels = [
+        ("Response accuracy", ("train_accuracy", "val_accuracy")),
+        ("Severity MAE (0-100)", ("train_severity_mae", "val_severity_mae")),
+        ("Loss", ("train_loss", "val_loss")),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (title, tags) in zip(axes, panels):
+        for tag in tags:
+            if scalars.get(tag):
+                epochs, values = zip(*scalars[tag])
+                ax.plot(epochs, values, marker=".", label=tag.split("_")[0])
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return save_figure(fig, output)

@@ -151,3 +151,28 @@ class PreciseBatchNormHandler:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         network.train(was_training)
+
+
+class LazySummaryWriter:
+    """A ``SummaryWriter`` that creates its event file on first use, not on construction.
+
+    Bundle configs resolve every referenced component on every process; under DDP, handlers that
+    only rank 0 attaches would otherwise still leave an empty event file per rank.
+    """
+
+    def __init__(self, log_dir: str, **kwargs) -> None:
+        self.log_dir, self.kwargs = log_dir, kwargs
+        self._writer = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir, **self.kwargs)
+        return getattr(self._writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

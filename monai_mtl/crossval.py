@@ -1,0 +1,117 @@
+"""Stratified k-fold cross-validation with the bundle's training config: one bundle run per fold, then a summary.
+
+Each fold is an ordinary ``python -m monai.bundle run training`` in its own process with
+``--num_folds K --fold i`` and ``--output_dir <output>/fold_<i>``: its test part is fold ``i``, its
+validation part comes from the other folds, and it leaves the usual ``test_metrics.json``. A fold
+whose ``test_metrics.json`` exists is not rerun, so ``--fold i`` can run folds as separate jobs on
+a cluster and a later call only collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from monai_mtl.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json")
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "severity_mae", "severity_rmse", "severity_r2")
+
+
+def fold_dir(output_dir: str | os.PathLike, fold: int) -> Path:
+    return Path(output_dir) / f"fold_{fold}"
+
+
+def run_fold(
+    fold: int,
+    num_folds: int,
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config_files: Sequence[str] = (DEFAULT_CONFIG,),
+    overrides: dict | None = None,
+) -> Path:
+    """Train and test fold ``fold`` in a child process (skipped if it already finished); returns its folder."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
+    target = fold_dir(output_dir, fold)
+    if (target / "test_metrics.json").is_file():
+        logger.info("fold %d already finished (%s), not rerun", fold, target / "test_metrics.json")
+        return target
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", str(list(config_files)) if len(config_files) > 1 else config_files[0],
+        "--dataset_dir", str(dataset_dir), "--output_dir", str(target),
+        "--num_folds", str(num_folds), "--fold", str(fold),
+    ]
+    for key, value in (overrides or {}).items():
+        command += [f"--{key}", str(value)]
+    logger.info("fold %d/%d: %s", fold, num_folds, " ".join(command))
+    subprocess.run(command, check=True)
+    if not (target / "test_metrics.json").is_file():
+        raise RuntimeError(f"fold {fold} finished without writing {target / 'test_metrics.json'}")
+    return target
+
+
+def summarize(output_dir: str | os.PathLike, num_folds: int) -> dict:
+    """Collect the folds' ``test_metrics.json`` into ``cv_folds.csv``, ``cv_summary.json`` and ``cv_summary.md``.
+
+    Raises:
+        FileNotFoundError: a fold has not finished yet (its name is given).
+    """
+    output_dir = Path(output_dir)
+    rows = []
+    for fold in range(num_folds):
+        path = fold_dir(output_dir, fold) / "test_metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"fold {fold} has not finished: no {path}")
+        metrics = json.loads(path.read_text())
+        rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}})
+    folds = pd.DataFrame(rows)
+    summary = {
+        "num_folds": num_folds,
+        "n": int(folds["n"].sum()),
+        **{k: {"mean": float(folds[k].mean()), "std": float(folds[k].std(ddof=1)) if num_folds > 1 else 0.0,
+               "min": float(folds[k].min()), "max": float(folds[k].max())} for k in SUMMARY_METRICS},
+    }
+    atomic_write_text(output_dir / "cv_folds.csv", folds.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(output_dir / "cv_summary.json", summary)
+    lines = ["| metric | mean ± std | min | max |", "|---|---|---|---|"]
+    lines += [f"| {k} | {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f} | {summary[k]['min']:.4f} | {summary[k]['max']:.4f} |"
+              for k in SUMMARY_METRICS]
+    atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
+    logger.info("cross-validation (%d folds): accuracy %.4f ± %.4f, severity MAE %.2f ± %.2f", num_folds,
+                summary["accuracy"]["mean"], summary["accuracy"]["std"],
+                summary["severity_mae"]["mean"], summary["severity_mae"]["std"])
+    return summary
+
+
+def cross_validate(
+    num_folds: int,
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    fold: int | None = None,
+    config_files: Sequence[str] = (DEFAULT_CONFIG,),
+    overrides: dict | None = None,
+) -> dict | None:
+    """Run every fold (or only ``fold``) and summarize once all folds have finished."""
+    if num_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    for i in [fold] if fold is not None else range(num_folds):
+        run_fold(i, num_folds, dataset_dir, output_dir, config_files, overrides)
+    done = [i for i in range(num_folds) if (fold_dir(output_dir, i) / "test_metrics.json").is_file()]
+    if len(done) < num_folds:
+        logger.info("folds finished: %s of %d; the summary is written once all have finished", done, num_folds)
+        return None
+    return summarize(output_dir, num_folds)
+
+
+__all__ = ["run_fold", "summarize", "cross_validate", "fold_dir"]

@@ -1,0 +1,79 @@
+"""Cross-validation: stratified disjoint folds covering the cohort, per-fold runs, and the summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from monai_mtl.__main__ import main
+from monai_mtl.cohort import CohortError, stratified_split
+from monai_mtl.crossval import fold_dir, summarize
+
+
+def _table(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "response": rng.choice(3, n, p=[0.26, 0.5, 0.24])})
+
+
+def test_folds_are_disjoint_stratified_and_cover_the_cohort():
+    table = _table()
+    splits = [stratified_split(table, validation_fraction=0.15, seed=3, num_folds=5, fold=i) for i in range(5)]
+    tests = [set(s["test"]) for s in splits]
+    assert sum(map(len, tests)) == len(table) == len(set().union(*tests))
+    overall = table["response"].value_counts(normalize=True).sort_index()
+    by_id = table.set_index("subject_id")["response"]
+    for split in splits:
+        assert not set(split["test"]) & (set(split["train"]) | set(split["validation"]))
+        assert len(split["train"]) + len(split["validation"]) + len(split["test"]) == len(table)
+        np.testing.assert_allclose(by_id.loc[split["test"]].value_counts(normalize=True).sort_index(), overall, atol=0.03)
+
+
+def test_fold_out_of_range_is_refused():
+    with pytest.raises(CohortError, match="out of range"):
+        stratified_split(_table(), num_folds=5, fold=5)
+
+
+def test_summary_aggregates_fold_metrics(tmp_path):
+    values = [(0.98, 3.0), (1.0, 2.0), (0.96, 4.0)]
+    for fold, (accuracy, mae) in enumerate(values):
+        folder = fold_dir(tmp_path, fold)
+        folder.mkdir()
+        metrics = {"n": 10, "accuracy": accuracy, "balanced_accuracy": accuracy, "severity_mae": mae,
+                   "severity_rmse": mae * 1.2, "severity_r2": 0.9}
+        (folder / "test_metrics.json").write_text(json.dumps(metrics))
+    summary = summarize(tmp_path, 3)
+    assert summary["accuracy"]["mean"] == pytest.approx(0.98)
+    assert summary["severity_mae"]["std"] == pytest.approx(1.0)
+    assert summary["n"] == 30
+    assert len(pd.read_csv(tmp_path / "cv_folds.csv")) == 3
+    assert "severity_mae | 3.0000 ± 1.0000" in (tmp_path / "cv_summary.md").read_text()
+
+
+def test_summary_names_a_missing_fold(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fold 0 has not finished"):
+        summarize(tmp_path, 2)
+
+
+def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path):
+    out = tmp_path / "cv"
+    args = ["cv", "--folds", "2", "--dataset-dir", str(train_cohort), "--output-dir", str(out), "--max-epochs", "1",
+            "--override", "batch_size=8", "cache_workers=1"]
+    assert main([*args, "--fold", "1"]) == 0
+    assert (fold_dir(out, 1) / "test_metrics.json").is_file() and not (out / "cv_summary.json").exists()
+    finished = (fold_dir(out, 1) / "test_metrics.json").stat().st_mtime_ns
+    assert main(args) == 0  # runs fold 0 only, then summarizes
+    assert (fold_dir(out, 1) / "test_metrics.json").stat().st_mtime_ns == finished
+    tests = [set(json.loads((fold_dir(out, i) / "split.json").read_text())["test"]) for i in range(2)]
+    assert not tests[0] & tests[1] and len(tests[0] | tests[1]) == 60
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["num_folds"] == 2 and summary["n"] == 60
+
+
+def test_cv_bad_fold_is_one_error_line(train_cohort, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cv", "--folds", "3", "--fold", "7", "--dataset-dir", str(train_cohort), "--output-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

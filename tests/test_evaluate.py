@@ -1,0 +1,71 @@
+"""The evaluation workflow: files, metrics consistent with predictions, figures, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG, run_bundle
+
+from monai_mtl.evaluation import report_from_predictions
+
+EVAL_CONFIGS = [TRAIN_CONFIG, str(BUNDLE_CONFIGS / "evaluate.json")]
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target
+
+
+def _evaluate(cohort, run_dir):
+    return run_bundle("evaluating", EVAL_CONFIGS, dataset_dir=str(cohort), output_dir=str(run_dir))
+
+
+def test_evaluate_writes_predictions_metrics_and_figures(train_cohort, run_copy):
+    _evaluate(train_cohort, run_copy)
+    table = pd.read_csv(run_copy / "predictions.csv")
+    split = json.loads((run_copy / "split.json").read_text())
+    assert sorted(table["subject_id"]) == sorted(split["test"])
+    for column in ("true_response", "pred_response", "true_response_name", "pred_response_name",
+                   "prob_non_responder", "prob_partial_responder", "prob_responder", "true_severity", "pred_severity"):
+        assert column in table.columns
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    recomputed = report_from_predictions(table)
+    for key in ("accuracy", "balanced_accuracy", "severity_mae", "severity_rmse", "severity_r2", "confusion_matrix", "macro"):
+        np.testing.assert_allclose(np.asarray(metrics[key] if key != "macro" else list(metrics[key].values())),
+                                   np.asarray(recomputed[key] if key != "macro" else list(recomputed[key].values())),
+                                   rtol=1e-5, atol=1e-6)
+    low, high = metrics["bootstrap_95"]["severity_mae"]
+    assert low <= metrics["severity_mae"] <= high
+    for name in ("confusion_matrix", "severity_scatter", "severity_error_histogram", "training_curves"):
+        png = run_copy / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_missing_checkpoint_is_refused(train_cohort, run_copy):
+    (run_copy / "model.pt").unlink()
+    with pytest.raises(Exception) as err:
+        _evaluate(train_cohort, run_copy)
+    assert "no checkpoint at" in repr(err.value) + repr(err.value.__cause__)
+    assert not (run_copy / "metrics.json").exists() and not (run_copy / "predictions.csv").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(train_cohort, run_copy):
+    torch.save(torch.nn.Linear(3, 2).state_dict(), run_copy / "model.pt")
+    with pytest.raises(Exception) as err:
+        _evaluate(train_cohort, run_copy)
+    assert "does not fit the network DualPathNet" in repr(err.value) + repr(err.value.__cause__)
+    assert not (run_copy / "metrics.json").exists()
+
+
+def test_dataset_that_does_not_match_the_split_is_refused(tiny_cohort, run_copy):
+    with pytest.raises(Exception) as err:
+        _evaluate(tiny_cohort, run_copy)
+    assert "holds another split" in repr(err.value) + repr(err.value.__cause__)
+    assert not (run_copy / "metrics.json").exists()
