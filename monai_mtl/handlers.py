@@ -117,6 +117,7 @@ class PreciseBatchNormHandler:
     validation, checkpoint selection and the saved model all use statistics of the current weights.
 
     Attach it to the trainer before the ``ValidationHandler`` (handlers of one event run in order).
+    Under DDP the ranks' estimates are averaged, so every rank validates with the saved statistics.
 
     Args:
         num_batches: training batches to average over.
@@ -148,9 +149,27 @@ class PreciseBatchNormHandler:
                     break
                 inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)[:2]
                 network(inputs)
+        _average_across_ranks(norms)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         network.train(was_training)
+
+
+def _average_across_ranks(norms: list[torch.nn.Module]) -> None:
+    """Under DDP, make every rank hold the mean of the ranks' re-estimated statistics.
+
+    Each rank re-estimates on its own shard; without this the ranks would validate with different
+    statistics, and the gathered validation metrics would not be those of the saved checkpoint.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in norms:
+        for buffer in (m.running_mean, m.running_var):
+            if buffer is not None:
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                buffer /= dist.get_world_size()
 
 
 class LazySummaryWriter:
