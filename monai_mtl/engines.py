@@ -51,6 +51,24 @@ class MultiTaskPrepareBatch(PrepareBatch):
         return image, targets
 
 
+class ImagePrepareBatch(PrepareBatch):
+    """``(image, None)`` as a plain tensor, for inference without labels.
+
+    Stripping MONAI's metadata before the network keeps its outputs plain tensors too: per-element
+    work on MetaTensor outputs took half of the inference time. The batch itself keeps its metadata.
+    """
+
+    def __init__(self, image_key: str = CommonKeys.IMAGE) -> None:
+        self.image_key = image_key
+
+    def __call__(
+        self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        image = batchdata[self.image_key]
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        return image.to(device=device, non_blocking=non_blocking, **kwargs), None
+
+
 class MultiTaskTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for :class:`~monai_mtl.networks.DualPathNet` and :class:`~monai_mtl.losses.MultiTaskLoss`.
 
@@ -83,4 +101,4 @@ def channels_last(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Mo
     return network.to(memory_format=torch.channels_last_3d) if enabled else network
 
 
-__all__: Sequence[str] = ("MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "channels_last")
+__all__: Sequence[str] = ("MultiTaskPrepareBatch", "ImagePrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "channels_last")

@@ -152,7 +152,9 @@ class PredictionWriter:
         batch = engine.state.batch
         image = batch["image"]
         paths = list(image.meta["filename_or_obj"])
-        logits, severity = split_output(engine.state.output["pred"].detach().float().cpu())
+        pred = engine.state.output["pred"]
+        pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+        logits, severity = split_output(pred.detach().float().cpu())
         probabilities = torch.softmax(logits, dim=1)
         for i, path in enumerate(paths):
             row = {"image": path, "pred_response": int(probabilities[i].argmax())}
