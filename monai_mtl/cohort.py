@@ -124,22 +124,27 @@ def check_image(path: str | os.PathLike) -> tuple[int, ...]:
     return tuple(data.shape)
 
 
-def check_images(table: pd.DataFrame, workers: int = 4) -> None:
-    """Run :func:`check_image` on every image of a labels table (threads: decompression releases the GIL)."""
+def image_errors(paths: list[str], workers: int = 4) -> list[str | None]:
+    """:func:`check_image` on every path (threads: decompression releases the GIL); the error text or ``None`` each."""
+
+    def error_of(path: str) -> str | None:
+        try:
+            check_image(path)
+        except CohortError as err:
+            return str(err)
+        return None
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = list(pool.map(_check_or_error, table["image"]))
+        return list(pool.map(error_of, paths))
+
+
+def check_images(table: pd.DataFrame, workers: int = 4) -> None:
+    """Raise ``CohortError`` naming the first subject whose image fails :func:`check_image`."""
+    errors = image_errors(list(table["image"]), workers)
     bad = [(sid, err) for sid, err in zip(table["subject_id"], errors) if err]
     if bad:
         more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
         raise CohortError(f"subject {bad[0][0]}: {bad[0][1]}{more}")
-
-
-def _check_or_error(path: str) -> str | None:
-    try:
-        check_image(path)
-    except CohortError as err:
-        return str(err)
-    return None
 
 
 def stratified_split(

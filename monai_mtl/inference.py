@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +23,7 @@ from monai.visualize import GradCAM
 from torch import nn
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
-from monai_mtl.cohort import CohortError, _check_or_error
+from monai_mtl.cohort import CohortError, image_errors
 from monai_mtl.io import atomic_write_text
 from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
 from monai_mtl.synthetic import ATLAS_LABELS, nifti_image
@@ -72,8 +71,7 @@ def prepare_inputs(dataset_dir: str | os.PathLike, workers: int = 4) -> tuple[li
         CohortError: when no input is usable.
     """
     paths = find_inputs(dataset_dir)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = list(pool.map(_check_or_error, paths))
+    errors = image_errors(paths, workers)
     good = [{"image": p} for p, e in zip(paths, errors) if e is None]
     bad = [{"image": p, "error": e} for p, e in zip(paths, errors) if e is not None]
     for row in bad:
@@ -121,7 +119,7 @@ class PredictionWriter:
         output_dir: folder for ``predictions.csv`` and ``saliency/``.
         error_rows: ``{"image", "error"}`` rows of unusable inputs.
         saliency: compute and write saliency maps.
-        target_layer: network layer Grad-CAM reads (e.g. ``"encoder.2"``).
+        target_layer: network layer Grad-CAM reads (default: the last encoder block).
         atlas: optional atlas NIfTI (the synthetic cohort's ``atlas.nii.gz``).
         saliency_png: how many inputs get a PNG overlay.
     """
@@ -131,7 +129,7 @@ class PredictionWriter:
         output_dir: str | os.PathLike,
         error_rows: list[dict] | None = None,
         saliency: bool = False,
-        target_layer: str = "encoder.2",
+        target_layer: str = "encoder.3",
         atlas: str | os.PathLike | None = None,
         saliency_png: int = 3,
     ) -> None:
