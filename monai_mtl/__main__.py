@@ -112,6 +112,28 @@ def _run_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
+    from monai_mtl.baselines import KINDS
+
+    p = subparsers.add_parser(
+        "baseline",
+        help="non-deep baselines on a training run's split (class-median severity, scikit-learn on atlas regions)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--kind", choices=KINDS, required=True, help="which baseline")
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
+    p.add_argument("--split", default="runs/train/split.json", help="split.json of the run to compare with")
+    p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>)")
+    p.set_defaults(func=_run_baseline)
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    from monai_mtl.baselines import run_baseline
+
+    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_mtl`` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_montage(subparsers)
     _add_cv(subparsers)
+    _add_baseline(subparsers)
     return parser
 
 

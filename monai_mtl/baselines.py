@@ -1,0 +1,101 @@
+"""Non-deep baselines on the same split as a training run: class-median severity, and scikit-learn on atlas-region features.
+
+* ``class-median``: each test subject's severity is predicted as the median severity of the training
+  subjects of its **true** class (no imaging). It measures how much of a severity MAE comes from the
+  class alone; its response "prediction" is the true class, so its accuracy is not a result.
+* ``classical``: per atlas region, the mean and standard deviation of the z-scored intensity (18
+  features on the synthetic atlas); logistic regression for the response and ridge regression for the
+  severity (scikit-learn pipelines with standardisation), fit on the run's train + validation parts.
+
+Both write ``test_metrics.json`` and ``test_predictions.csv`` in the format of the training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from monai_mtl import RESPONSE_NAMES
+from monai_mtl.cohort import CohortError, read_labels
+from monai_mtl.evaluation import report_from_predictions
+from monai_mtl.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("class-median", "classical")
+
+
+def region_features(image_path: str, atlas: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of the z-scored intensity in every non-background atlas region."""
+    volume = np.asarray(nib.load(image_path).dataobj, dtype=np.float32)
+    if volume.shape != atlas.shape:
+        raise CohortError(f"{image_path}: shape {volume.shape} is not the atlas grid {atlas.shape}")
+    volume = (volume - volume.mean()) / max(float(volume.std()), 1e-8)
+    labels = [k for k in np.unique(atlas) if k != 0]
+    return np.array([volume[atlas == k].mean() for k in labels] + [volume[atlas == k].std() for k in labels])
+
+
+def _predictions_table(test: pd.DataFrame, pred_response: np.ndarray, probabilities: np.ndarray, pred_severity: np.ndarray) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "subject_id": test["subject_id"].to_numpy(),
+        "true_response": test["response"].to_numpy(),
+        "true_response_name": [RESPONSE_NAMES[i] for i in test["response"]],
+        "pred_response": pred_response,
+        "pred_response_name": [RESPONSE_NAMES[i] for i in pred_response],
+    })
+    for i, name in enumerate(RESPONSE_NAMES):
+        table[f"prob_{name}"] = probabilities[:, i]
+    table["true_severity"] = test["severity"].to_numpy()
+    table["pred_severity"] = pred_severity
+    return table
+
+
+def run_baseline(kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+    """Fit baseline ``kind`` on the train + validation parts of ``split_file`` and test it on its test part."""
+    if kind not in KINDS:
+        raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
+    table = read_labels(Path(dataset_dir) / "labels.csv").set_index("subject_id", drop=False)
+    split = json.loads(Path(split_file).read_text())
+    missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]
+    if missing:
+        raise CohortError(f"{split_file} names subjects that {dataset_dir} does not have, e.g. {missing}")
+    fit, test = table.loc[split["train"] + split["validation"]], table.loc[split["test"]]
+    if kind == "class-median":
+        medians = fit.groupby("response")["severity"].median()
+        pred_response = test["response"].to_numpy()
+        probabilities = np.eye(len(RESPONSE_NAMES))[pred_response]
+        pred_severity = medians.loc[pred_response].to_numpy()
+    else:
+        atlas_path = Path(dataset_dir) / "atlas.nii.gz"
+        if not atlas_path.is_file():
+            raise CohortError(f"the classical baseline needs region labels: no {atlas_path}")
+        atlas = np.asarray(nib.load(atlas_path).dataobj)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            features = dict(zip(table.index, pool.map(lambda p: region_features(p, atlas), table["image"])))
+        x_fit = np.stack([features[s] for s in fit.index])
+        x_test = np.stack([features[s] for s in test.index])
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        classifier.fit(x_fit, fit["response"])
+        probabilities = classifier.predict_proba(x_test)
+        pred_response = probabilities.argmax(axis=1)
+        regressor = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+        regressor.fit(x_fit, fit["severity"])
+        pred_severity = np.clip(regressor.predict(x_test), 0.0, 100.0)
+    predictions = _predictions_table(test, pred_response, probabilities, pred_severity)
+    metrics = {"baseline": kind, "split": str(Path(split_file).absolute()), **report_from_predictions(predictions)}
+    out = Path(output_dir)
+    atomic_write_text(out / "test_predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(out / "test_metrics.json", metrics)
+    logger.info("baseline %s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s", kind, metrics["accuracy"],
+                metrics["severity_mae"], metrics["n"], out / "test_metrics.json")
+    return metrics

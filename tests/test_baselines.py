@@ -1,0 +1,37 @@
+"""Non-deep baselines on a training run's split."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from monai_mtl.__main__ import main
+from monai_mtl.evaluation import report_from_predictions
+
+
+@pytest.mark.parametrize("kind", ["class-median", "classical"])
+def test_baseline_uses_the_run_split_and_writes_consistent_metrics(kind, trained_run, train_cohort, tmp_path):
+    out = tmp_path / kind
+    assert main(["baseline", "--kind", kind, "--dataset-dir", str(train_cohort),
+                 "--split", str(trained_run / "split.json"), "--output-dir", str(out)]) == 0
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    split = json.loads((trained_run / "split.json").read_text())
+    assert sorted(predictions["subject_id"]) == sorted(split["test"])
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["severity_mae"] == pytest.approx(report_from_predictions(predictions)["severity_mae"], rel=1e-5)
+    if kind == "class-median":
+        labels = pd.read_csv(train_cohort / "labels.csv").set_index("subject_id")
+        fit = labels.loc[split["train"] + split["validation"]]
+        medians = fit.groupby("response")["severity"].median()
+        expected = predictions["true_response"].map(medians)
+        assert (predictions["pred_severity"] - expected).abs().max() < 1e-3
+
+
+def test_baseline_refuses_a_split_of_another_cohort(trained_run, tiny_cohort, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["baseline", "--kind", "classical", "--dataset-dir", str(tiny_cohort),
+              "--split", str(trained_run / "split.json"), "--output-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "does not have" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
