@@ -99,6 +99,19 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, device
         raise ValueError(f"{checkpoint} does not fit the network {type(target).__name__}: {err}") from None
 
 
+def _predict_checkpoint(evaluator: Engine, network: torch.nn.Module, checkpoint: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Load ``checkpoint``, predict the evaluator's data; returns the predictions table and its metrics."""
+    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
+    table = predict(evaluator)
+    return table, {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
+
+
+def _write_results(output_dir: Path, table: pd.DataFrame, metrics: dict, csv_name: str, json_name: str) -> None:
+    # predictions first, metrics last: a metrics file only exists once everything before it was written
+    atomic_write_text(output_dir / csv_name, table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_json(output_dir / json_name, metrics)
+
+
 def evaluate_checkpoint(
     evaluator: Engine,
     network: torch.nn.Module,
@@ -111,12 +124,9 @@ def evaluate_checkpoint(
     Writes ``<output_dir>/<prefix>_metrics.json`` and ``<output_dir>/<prefix>_predictions.csv``
     (atomically). Used once, at the end of training, on the test part.
     """
-    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
-    table = predict(evaluator)
-    metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
+    table, metrics = _predict_checkpoint(evaluator, network, checkpoint)
     output_dir = Path(output_dir)
-    atomic_write_text(output_dir / f"{prefix}_predictions.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_json(output_dir / f"{prefix}_metrics.json", metrics)
+    _write_results(output_dir, table, metrics, f"{prefix}_predictions.csv", f"{prefix}_metrics.json")
     logger.info(
         "%s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s",
         prefix, metrics["accuracy"], metrics["severity_mae"], metrics["n"], output_dir / f"{prefix}_metrics.json",
@@ -175,13 +185,8 @@ def evaluate_run(
     from monai_mtl import figures
 
     output_dir = Path(output_dir)
-    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
-    table = predict(evaluator)
-    metrics = {
-        "checkpoint": str(Path(checkpoint).absolute()),
-        **report_from_predictions(table),
-        "bootstrap_95": bootstrap_intervals(table, n_bootstrap, seed),
-    }
+    table, metrics = _predict_checkpoint(evaluator, network, checkpoint)
+    metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
     written = [
         figures.confusion_matrix_figure(metrics["confusion_matrix"], output_dir / "confusion_matrix.png"),
         *figures.severity_figures(
@@ -198,8 +203,7 @@ def evaluate_run(
         for path in written:
             summary_writer.add_image(f"evaluation/{path.stem}", matplotlib.image.imread(path)[..., :3], dataformats="HWC")
         summary_writer.flush()
-    atomic_write_text(output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_json(output_dir / "metrics.json", metrics)
+    _write_results(output_dir, table, metrics, "predictions.csv", "metrics.json")
     logger.info(
         "evaluation: accuracy %.4f %s, severity MAE %.2f %s (n=%d) -> %s",
         metrics["accuracy"], metrics["bootstrap_95"]["accuracy"], metrics["severity_mae"],
