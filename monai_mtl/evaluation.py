@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl.checkpoints import check_no_leakage
 from monai_mtl.io import atomic_write_json, atomic_write_text
 from monai_mtl.metrics import prediction_report
 from monai_mtl.networks import split_output
@@ -99,9 +100,17 @@ def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, device
         raise ValueError(f"{checkpoint} does not fit the network {type(target).__name__}: {err}") from None
 
 
-def _predict_checkpoint(evaluator: Engine, network: torch.nn.Module, checkpoint: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
-    """Load ``checkpoint``, predict the evaluator's data; returns the predictions table and its metrics."""
+def _evaluated_subjects(evaluator: Engine) -> list[str]:
+    dataset = getattr(getattr(evaluator, "data_loader", None), "dataset", None)
+    return [str(r.get("subject_id", "")) for r in getattr(dataset, "data", [])]
+
+
+def _predict_checkpoint(
+    evaluator: Engine, network: torch.nn.Module, checkpoint: str | os.PathLike, allow_overlap: bool = False
+) -> tuple[pd.DataFrame, dict]:
+    """Load ``checkpoint``, refuse subjects it was trained on, predict the evaluator's data; returns predictions and metrics."""
     load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
+    check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
     table = predict(evaluator)
     return table, {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
 
@@ -118,13 +127,15 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     prefix: str = "test",
+    allow_overlap: bool = False,
 ) -> dict:
     """Load ``checkpoint`` into ``network``, predict ``evaluator``'s data once and write the results.
 
     Writes ``<output_dir>/<prefix>_metrics.json`` and ``<output_dir>/<prefix>_predictions.csv``
-    (atomically). Used once, at the end of training, on the test part.
+    (atomically). Used once, at the end of training, on the test part. Refuses (``LeakageError``)
+    subjects the checkpoint was trained or validated on unless ``allow_overlap``.
     """
-    table, metrics = _predict_checkpoint(evaluator, network, checkpoint)
+    table, metrics = _predict_checkpoint(evaluator, network, checkpoint, allow_overlap)
     output_dir = Path(output_dir)
     _write_results(output_dir, table, metrics, f"{prefix}_predictions.csv", f"{prefix}_metrics.json")
     logger.info(
@@ -172,6 +183,7 @@ def evaluate_run(
     summary_writer=None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    allow_overlap: bool = False,
 ) -> dict:
     """Evaluate a training run's best checkpoint on its test part and write the paper's outputs.
 
@@ -180,12 +192,13 @@ def evaluate_run(
     and the figures ``confusion_matrix.png``, ``severity_scatter.png``, ``severity_error_histogram.png``
     and ``training_curves.png`` (from the run's TensorBoard logs), also logged to TensorBoard when
     ``summary_writer`` is given. Metrics and predictions are written last, so a failed evaluation
-    leaves no ``metrics.json`` that looks complete.
+    leaves no ``metrics.json`` that looks complete. Test subjects that the checkpoint was trained or
+    validated on (its stored split) are refused with ``LeakageError`` unless ``allow_overlap``.
     """
     from monai_mtl import figures
 
     output_dir = Path(output_dir)
-    table, metrics = _predict_checkpoint(evaluator, network, checkpoint)
+    table, metrics = _predict_checkpoint(evaluator, network, checkpoint, allow_overlap)
     metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
     written = [
         figures.confusion_matrix_figure(metrics["confusion_matrix"], output_dir / "confusion_matrix.png"),

@@ -28,3 +28,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
     """:func:`atomic_write_text` of ``data`` as indented JSON."""
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def ensure_writable_dir(path: str | os.PathLike, name: str = "output_dir") -> Path:
+    """Create ``path`` if needed and prove it writable with a probe file, before any work starts.
+
+    Raises:
+        OSError: ``"<name> <path> is not writable: <reason>"``.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"{name} {path} is not writable: {err.strerror or err}") from err
+    return path

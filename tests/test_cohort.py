@@ -114,8 +114,9 @@ def test_image_checks(tmp_path):
         "constant": (np.ones((8, 8, 8), np.float32), "constant"),
     }
     for name, (data, message) in cases.items():
-        with pytest.raises(CohortError, match=message):
+        with pytest.raises(CohortError, match=message) as err:
             check_image(_save(tmp_path / f"{name}.nii.gz", data))
+        assert f"{name}.nii.gz" in str(err.value)  # the message names the file
 
 
 def test_class_too_small_to_stratify(cohort, tmp_path):

@@ -52,7 +52,7 @@ def test_torchrun_two_processes_on_cpu(train_cohort, tmp_path):
 
     # one process wrote the checkpoint, the split, the test results and one event file
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.pt", "split.json", "tensorboard", "test_metrics.json", "test_predictions.csv"
+        "model.pt", "split.json", "tensorboard", "test_metrics.json", "test_predictions.csv", "training_state.pt"
     ]
     assert len(list((out / "tensorboard").iterdir())) == 1
 

@@ -1,0 +1,309 @@
+"""Checkpoints that survive a kill: atomic saves, the best model with its split, and resumable training state.
+
+MONAI's ``CheckpointSaver`` is not used for the best model: it sets ignite's ``DiskSaver(atomic=False)``
+and deletes the previous ``model.pt`` before writing the new one, so a kill or a full disk during a
+save leaves no usable checkpoint. Everything here is written to a temporary sibling first and
+renamed over the target only once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import Compose, Randomizable, Transform
+
+from monai_mtl.cohort import SPLIT_KEYS, CohortError
+
+logger = logging.getLogger(__name__)
+
+
+class LeakageError(CohortError):
+    """Subjects being tested were used to train or select the checkpoint."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary sibling of ``path``, flushed to disk, then renamed over ``path``.
+
+    Raises:
+        OSError: naming ``path``, when the folder is not writable or the write fails (disk full...);
+            ``path`` itself is then untouched.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        raise OSError(f"could not write {path}: {err.strerror or err}; the previous file, if any, is unchanged") from err
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return path
+
+
+def split_ids(datalists: Mapping[str, list[dict]]) -> dict[str, list[str]]:
+    """``{part: [subject ids]}`` of MONAI datalists (the form stored inside checkpoints)."""
+    return {part: [str(r["subject_id"]) for r in records] for part, records in datalists.items()}
+
+
+# model.pt stays a bare state dict (what ckpt_export, verify_net_in_out and every MONAI loader expect);
+# the run's facts ride in the state dict's own ``_metadata`` mapping, which torch.save keeps,
+# torch.load(weights_only=True) restores and load_state_dict ignores.
+_METADATA_KEY = "monai_mtl"
+
+
+def with_run_metadata(state_dict: dict, **facts: Any) -> dict:
+    """``state_dict`` with ``facts`` (e.g. ``split``, ``epoch``) stored in its ``_metadata``, loadable as usual."""
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        raise TypeError("expected a state dict from nn.Module.state_dict() (it carries _metadata)")
+    metadata.setdefault("", {})[_METADATA_KEY] = facts
+    return state_dict
+
+
+def read_run_metadata(checkpoint: str | os.PathLike) -> dict:
+    """The facts :func:`with_run_metadata` stored in a checkpoint (``{}`` for any other checkpoint)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return dict(getattr(state, "_metadata", {}).get("", {}).get(_METADATA_KEY, {}))
+
+
+def read_checkpoint_split(checkpoint: str | os.PathLike) -> dict[str, list[str]] | None:
+    """The split stored in a checkpoint written by :class:`BestModelSaver`, or ``None`` for any other checkpoint."""
+    split = read_run_metadata(checkpoint).get("split")
+    return split if isinstance(split, dict) else None
+
+
+def check_no_leakage(
+    checkpoint: str | os.PathLike, subject_ids: list[str] | set[str], allow_overlap: bool = False
+) -> None:
+    """Refuse to test ``subject_ids`` with a checkpoint that was trained or validated on any of them.
+
+    The split travels inside the checkpoint (see :class:`BestModelSaver`), so this also holds when a
+    checkpoint is evaluated in another run folder or on another split.
+
+    Raises:
+        LeakageError: overlap found and ``allow_overlap`` is false.
+    """
+    split = read_checkpoint_split(checkpoint)
+    if split is None:
+        logger.warning("%s stores no split: cannot check that the test subjects were unseen in training", checkpoint)
+        return
+    seen = set(split.get("train", [])) | set(split.get("validation", []))
+    overlap = sorted(seen & set(subject_ids))
+    if not overlap:
+        return
+    message = (
+        f"{len(overlap)} of the {len(set(subject_ids))} test subjects were used to train or validate {checkpoint}, "
+        f"e.g. {overlap[:3]}"
+    )
+    if allow_overlap:
+        logger.warning("%s (allowed by allow_split_overlap)", message)
+        return
+    raise LeakageError(f"{message}; its metrics would be biased. Pass --allow_split_overlap True to evaluate anyway")
+
+
+class BestModelSaver:
+    """Save the network's state dict, with the split, epoch and metric in its metadata, when the key metric improves.
+
+    Attach to the validation evaluator after its key metric is computed (MONAI's ``Workflow``
+    updates ``state.best_metric_epoch`` on ``EPOCH_COMPLETED`` before any handler). The file is
+    replaced atomically, so a kill during the save leaves the previous best intact.
+
+    Args:
+        path: checkpoint file (e.g. ``<output_dir>/model.pt``).
+        network: the network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        split: subject ids of each split part, stored for the leakage check of later evaluations.
+    """
+
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None) -> None:
+        self.path, self.network = Path(path), network
+        self.split = {k: list(v) for k, v in (split or {}).items()}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        module = getattr(self.network, "module", self.network)
+        state = with_run_metadata(
+            module.state_dict(), split=self.split, epoch=int(engine.state.epoch),
+            metric=float(engine.state.best_metric), metric_name=str(engine.state.key_metric_name),
+        )
+        atomic_torch_save(state, self.path)
+        logger.info("epoch %d: new best %s %.4f -> %s", engine.state.epoch, engine.state.key_metric_name,
+                    engine.state.best_metric, self.path)
+
+
+def _random_transforms(dataset: Any) -> list[Randomizable]:
+    """Every randomizable object of a MONAI dataset's transform chain, in a fixed order.
+
+    Dictionary transforms keep their own random state *and* an inner array transform with another
+    (e.g. ``RandShiftIntensityd.shifter``), so attributes are searched too, not only ``Compose`` lists.
+    """
+    found: list[Randomizable] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> None:
+        if id(obj) in seen or not isinstance(obj, (Randomizable, Transform)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        children = obj.transforms if isinstance(obj, Compose) else []
+        for child in [*children, *vars(obj).values()]:
+            if isinstance(child, (list, tuple)):
+                for item in child:
+                    walk(item)
+            else:
+                walk(child)
+
+    walk(getattr(dataset, "transform", None))
+    return found
+
+
+class TrainingStateCheckpoint:
+    """Save everything needed to continue training after each epoch; restore it when the run starts again.
+
+    After each epoch (attach it after the ``ValidationHandler``, so validation, the LR scheduler,
+    early stopping and the best model are already updated) it writes ``path`` atomically with: the
+    network, optimizer, LR scheduler, AMP scaler, early-stopping counter, the evaluator's best
+    metric, the epoch and iteration counters, and the random states (torch, NumPy, Python, and every
+    random transform of the training data). When training starts and ``path`` exists, ``resume=True``
+    restores all of it and continues with the next epoch ("resuming from epoch N"), so a killed run
+    ends with the same metrics as an uninterrupted one (identical on CPU). A run that had already
+    finished is not trained further. ``resume=False`` deletes ``path`` and ``best_model_path`` and
+    starts fresh.
+
+    Args:
+        path: training-state file (e.g. ``<output_dir>/training_state.pt``).
+        network, optimizer: trained objects.
+        lr_scheduler: optional scheduler with ``state_dict``.
+        early_stop: optional MONAI ``EarlyStopHandler`` (its ignite handler holds the counter).
+        evaluator: optional validation evaluator (its best metric decides when the best model is saved).
+        resume: continue from ``path`` when it exists.
+        best_model_path: the run's best-model file, removed on a fresh start so no stale model survives.
+        save: write the state (false on the non-zero ranks of a distributed run; every rank still loads).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        early_stop: Any = None,
+        evaluator: Engine | None = None,
+        resume: bool = True,
+        best_model_path: str | os.PathLike | None = None,
+        save: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.early_stop, self.evaluator = early_stop, evaluator
+        self.resume, self.save = bool(resume), bool(save)
+        self.best_model_path = Path(best_model_path) if best_model_path else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.store)
+
+    def _early_stopping(self):
+        return getattr(self.early_stop, "_handler", None)
+
+    def state_dict(self, engine: Engine) -> dict[str, Any]:
+        module = getattr(self.network, "module", self.network)
+        early = self._early_stopping()
+        scaler = getattr(engine, "scaler", None)
+        return {
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "finished": bool(engine.should_terminate),
+            "model": module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "early_stopping": early.state_dict() if early is not None else None,
+            "best_metric": float(self.evaluator.state.best_metric) if self.evaluator is not None else None,
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch) if self.evaluator is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "transforms": [t.R.get_state() for t in _random_transforms(engine.data_loader.dataset)],
+            },
+        }
+
+    def store(self, engine: Engine) -> None:
+        if self.save:
+            atomic_torch_save(self.state_dict(engine), self.path)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            if self.save:
+                for stale in (self.path, self.best_model_path):
+                    if stale is not None and stale.exists():
+                        logger.info("fresh start (resume=False): removing %s", stale)
+                        stale.unlink()
+            return
+        if not self.path.is_file():
+            return
+        try:
+            # the file holds NumPy RNG states and Python tuples besides tensors, hence weights_only=False;
+            # it is only ever read from the run's own output folder
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as err:  # an atomic save cannot leave a torn file: this is another kind of damage
+            raise RuntimeError(f"cannot read the training state {self.path} ({err}); pass --resume False to start afresh") from err
+        getattr(self.network, "module", self.network).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        early = self._early_stopping()
+        if early is not None and state["early_stopping"] is not None:
+            early.load_state_dict(state["early_stopping"])
+        if self.evaluator is not None and state["best_metric"] is not None:
+            self.evaluator.state.best_metric = state["best_metric"]
+            self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        transforms = _random_transforms(engine.data_loader.dataset)
+        if len(transforms) != len(rng["transforms"]):
+            raise RuntimeError(
+                f"{self.path} was written with {len(rng['transforms'])} random transforms, the config now has "
+                f"{len(transforms)}; pass --resume False to start afresh"
+            )
+        for transform, transform_state in zip(transforms, rng["transforms"]):
+            transform.R.set_state(transform_state)
+        engine.state.epoch, engine.state.iteration = state["epoch"], state["iteration"]
+        if state["finished"] or state["epoch"] >= engine.state.max_epochs:
+            logger.info("training in %s already finished at epoch %d: nothing to resume (resume=False retrains)",
+                        self.path.parent, state["epoch"])
+            engine.terminate()
+        else:
+            logger.info("resuming from epoch %d of %d (%s)", state["epoch"], engine.state.max_epochs, self.path)
+
+
+__all__ = [
+    "LeakageError", "atomic_torch_save", "split_ids", "with_run_metadata", "read_run_metadata", "read_checkpoint_split", "check_no_leakage",
+    "BestModelSaver", "TrainingStateCheckpoint",
+]
