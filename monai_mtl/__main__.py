@@ -96,18 +96,31 @@ def _add_cv(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, default=None, help="override the config's max_epochs")
     p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides")
+    p.add_argument("--allow-split-overlap", action="store_true",
+                   help="summarize even if a fold tested subjects its checkpoint was trained on (not recommended)")
     p.set_defaults(func=_run_cv)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Bundle overrides from ``--override KEY=VALUE ...`` and ``--max-epochs``."""
+    bad = [item for item in args.override if "=" not in item]
+    if bad:
+        raise ValueError(f"--override takes KEY=VALUE items, got {bad}")
+    overrides = dict(item.split("=", 1) for item in args.override)
+    if args.max_epochs is not None:
+        overrides["max_epochs"] = args.max_epochs
+    return overrides
 
 
 def _run_cv(args: argparse.Namespace) -> int:
     from monai_mtl.crossval import DEFAULT_CONFIG, cross_validate
 
-    overrides = dict(item.split("=", 1) for item in args.override)
-    if args.max_epochs is not None:
-        overrides["max_epochs"] = args.max_epochs
+    overrides = _overrides(args)
+    if args.allow_split_overlap:
+        overrides["allow_split_overlap"] = True
     cross_validate(
         args.folds, args.dataset_dir, args.output_dir, fold=args.fold,
-        config_files=args.config_file or [DEFAULT_CONFIG], overrides=overrides,
+        config_files=args.config_file or [DEFAULT_CONFIG], overrides=overrides, allow_overlap=args.allow_split_overlap,
     )
     return 0
 
@@ -117,20 +130,26 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "baseline",
-        help="non-deep baselines on a training run's split (class-median severity, scikit-learn on atlas regions)",
+        help="baselines on a training run's split: single-task CNNs, ResNet-18, class-median, scikit-learn",
+        description="Train/fit one baseline on exactly the split of a training run and write test_metrics.json "
+        "and test_predictions.csv like the run. Network baselines are bundle runs with "
+        "bundle/configs/baselines/<kind>.json merged over train.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--kind", choices=KINDS, required=True, help="which baseline")
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
     p.add_argument("--split", default="runs/train/split.json", help="split.json of the run to compare with")
     p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>)")
+    p.add_argument("--max-epochs", type=int, default=None, help="network baselines: override max_epochs")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="network baselines: more bundle overrides")
     p.set_defaults(func=_run_baseline)
 
 
 def _run_baseline(args: argparse.Namespace) -> int:
     from monai_mtl.baselines import run_baseline
 
-    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}")
+    overrides = _overrides(args)
+    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}", overrides)
     return 0
 
 

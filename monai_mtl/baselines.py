@@ -1,4 +1,9 @@
-"""Non-deep baselines on the same split as a training run: class-median severity, and scikit-learn on atlas-region features.
+"""Baselines on the same split as a training run: single-task CNNs, ResNet-18, class-median severity, scikit-learn.
+
+* ``single-task-response`` / ``single-task-severity``: the same network and training with one task
+  path only (``bundle/configs/baselines/single_task_*.json`` over ``train.json``); the paper's
+  central claim is that the two tasks help each other, and these runs measure it.
+* ``resnet18``: MONAI's 3D ResNet-18 as the encoder with the two heads (``baselines/resnet18.json``).
 
 * ``class-median``: each test subject's severity is predicted as the median severity of the training
   subjects of its **true** class (no imaging). It measures how much of a severity MAE comes from the
@@ -32,7 +37,12 @@ from monai_mtl.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("class-median", "classical")
+NETWORK_CONFIGS = {
+    "single-task-response": "single_task_response.json",
+    "single-task-severity": "single_task_severity.json",
+    "resnet18": "resnet18.json",
+}
+KINDS = ("class-median", "classical", *NETWORK_CONFIGS)
 
 
 def region_features(image_path: str, atlas: np.ndarray) -> np.ndarray:
@@ -60,10 +70,44 @@ def _predictions_table(test: pd.DataFrame, pred_response: np.ndarray, probabilit
     return table
 
 
-def run_baseline(kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
-    """Fit baseline ``kind`` on the train + validation parts of ``split_file`` and test it on its test part."""
+def run_network_baseline(
+    kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
+    overrides: dict | None = None,
+) -> dict:
+    """Train and test network baseline ``kind`` with the bundle, on exactly the split of ``split_file``.
+
+    The split's settings (seed, fractions, folds) are passed to the run, and its ``split.json`` is
+    checked against ``split_file`` afterwards.
+    """
+    from monai_mtl.runs import CONFIG_DIR, DEFAULT_CONFIG, run_training
+
+    reference = json.loads(Path(split_file).read_text())
+    settings = reference.get("settings", {})
+    config = str(CONFIG_DIR / "baselines" / NETWORK_CONFIGS[kind])
+    out = run_training([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})})
+    produced = json.loads((out / "split.json").read_text())
+    if any(produced[k] != reference[k] for k in ("train", "validation", "test")):
+        raise CohortError(f"{out / 'split.json'} differs from {split_file}: the baseline did not use the same split")
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    logger.info("baseline %s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s", kind, metrics["accuracy"],
+                metrics["severity_mae"], metrics["n"], out / "test_metrics.json")
+    return metrics
+
+
+def run_baseline(
+    kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
+    overrides: dict | None = None,
+) -> dict:
+    """Fit baseline ``kind`` on the train + validation parts of ``split_file`` and test it on its test part.
+
+    ``overrides`` (bundle keys such as ``max_epochs``) apply to the network baselines only.
+    """
     if kind not in KINDS:
         raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
+    if not Path(split_file).is_file():
+        raise CohortError(f"no split file {split_file}: train the reference run first, or pass --split")
+    if kind in NETWORK_CONFIGS:
+        return run_network_baseline(kind, dataset_dir, split_file, output_dir, overrides)
     table = read_labels(Path(dataset_dir) / "labels.csv").set_index("subject_id", drop=False)
     split = json.loads(Path(split_file).read_text())
     missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]

@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from monai_mtl.checkpoints import check_no_leakage
 from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.runs import DEFAULT_CONFIG, run_training
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json")
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "severity_mae", "severity_rmse", "severity_r2")
 
 
@@ -42,30 +41,21 @@ def run_fold(
     """Train and test fold ``fold`` in a child process (skipped if it already finished); returns its folder."""
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
-    target = fold_dir(output_dir, fold)
-    if (target / "test_metrics.json").is_file():
-        logger.info("fold %d already finished (%s), not rerun", fold, target / "test_metrics.json")
-        return target
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", "training",
-        "--config_file", str(list(config_files)) if len(config_files) > 1 else config_files[0],
-        "--dataset_dir", str(dataset_dir), "--output_dir", str(target),
-        "--num_folds", str(num_folds), "--fold", str(fold),
-    ]
-    for key, value in (overrides or {}).items():
-        command += [f"--{key}", str(value)]
-    logger.info("fold %d/%d: %s", fold, num_folds, " ".join(command))
-    subprocess.run(command, check=True)
-    if not (target / "test_metrics.json").is_file():
-        raise RuntimeError(f"fold {fold} finished without writing {target / 'test_metrics.json'}")
-    return target
+    logger.info("fold %d/%d", fold, num_folds)
+    return run_training(
+        config_files, dataset_dir, fold_dir(output_dir, fold), {"num_folds": num_folds, "fold": fold, **(overrides or {})}
+    )
 
 
-def summarize(output_dir: str | os.PathLike, num_folds: int) -> dict:
+def summarize(output_dir: str | os.PathLike, num_folds: int, allow_overlap: bool = False) -> dict:
     """Collect the folds' ``test_metrics.json`` into ``cv_folds.csv``, ``cv_summary.json`` and ``cv_summary.md``.
+
+    Each fold's tested subjects are checked against the split stored in its checkpoint, so a fold
+    folder copied from another run or split cannot slip biased metrics into the summary.
 
     Raises:
         FileNotFoundError: a fold has not finished yet (its name is given).
+        LeakageError: a fold tested subjects its checkpoint was trained or validated on.
     """
     output_dir = Path(output_dir)
     rows = []
@@ -74,6 +64,8 @@ def summarize(output_dir: str | os.PathLike, num_folds: int) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"fold {fold} has not finished: no {path}")
         metrics = json.loads(path.read_text())
+        tested = pd.read_csv(path.with_name("test_predictions.csv"), dtype={"subject_id": str})["subject_id"]
+        check_no_leakage(path.with_name("model.pt"), tested.tolist(), allow_overlap)
         rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}})
     folds = pd.DataFrame(rows)
     summary = {
@@ -101,6 +93,7 @@ def cross_validate(
     fold: int | None = None,
     config_files: Sequence[str] = (DEFAULT_CONFIG,),
     overrides: dict | None = None,
+    allow_overlap: bool = False,
 ) -> dict | None:
     """Run every fold (or only ``fold``) and summarize once all folds have finished."""
     if num_folds < 2:
@@ -111,7 +104,7 @@ def cross_validate(
     if len(done) < num_folds:
         logger.info("folds finished: %s of %d; the summary is written once all have finished", done, num_folds)
         return None
-    return summarize(output_dir, num_folds)
+    return summarize(output_dir, num_folds, allow_overlap)
 
 
 __all__ = ["run_fold", "summarize", "cross_validate", "fold_dir"]
