@@ -153,6 +153,68 @@ def _run_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_grid(subparsers: argparse._SubParsersAction) -> None:
+    from monai_mtl.grid import PAPER_GRID
+
+    p = subparsers.add_parser(
+        "grid",
+        help="the paper's hyper-parameter grid (lr x alpha x gamma x clip norm) ranked by validation loss",
+        description="One bundle training run per grid point (trials already finished are not rerun), then "
+        "grid_results.csv/.md ranking every finished trial by its lowest validation loss. Trial i is always "
+        "the same point, so --trial shards the grid across machines.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--output-dir", default="runs/grid", help="folder for trial_<i>_*/ runs and the ranking")
+    p.add_argument("--trial", type=int, nargs="+", default=None, help="run only these trial indices (0-based)")
+    p.add_argument("--max-epochs", type=int, default=None, help="budget: override max_epochs of every trial")
+    p.add_argument("--lr", type=float, nargs="+", default=list(PAPER_GRID["learning_rate"]), help="learning rates")
+    p.add_argument("--alpha", type=float, nargs="+", default=list(PAPER_GRID["focal_alpha"]), help="focal alphas")
+    p.add_argument("--gamma", type=float, nargs="+", default=list(PAPER_GRID["focal_gamma"]), help="focal gammas")
+    p.add_argument("--clipnorm", type=float, nargs="+", default=list(PAPER_GRID["grad_clip_norm"]), help="clip norms")
+    p.add_argument("--list", action="store_true", help="print the trial indices and points, run nothing")
+    p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides")
+    p.set_defaults(func=_run_grid)
+
+
+def _run_grid(args: argparse.Namespace) -> int:
+    from monai_mtl.grid import grid_points, run_grid
+    from monai_mtl.runs import DEFAULT_CONFIG
+
+    grid = {"learning_rate": args.lr, "focal_alpha": args.alpha, "focal_gamma": args.gamma, "grad_clip_norm": args.clipnorm}
+    if args.list:
+        for i, point in enumerate(grid_points(grid)):
+            print(i, point)
+        return 0
+    run_grid(args.dataset_dir, args.output_dir, args.trial, grid, args.config_file or [DEFAULT_CONFIG], _overrides(args))
+    return 0
+
+
+def _add_results(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "results",
+        help="the README results table (paper vs ours vs baselines) from the runs' JSON outputs",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--root", default=".", help="folder holding runs/train, runs/cv and runs/baselines/<kind>")
+    p.add_argument("--output", default="docs/results/results_table.md", help="markdown file to write")
+    p.add_argument("--readme", default=None, help="also replace the results block of this README")
+    p.set_defaults(func=_run_results)
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from monai_mtl.io import atomic_write_text
+    from monai_mtl.report import results_table, update_readme
+
+    section = results_table(args.root)
+    atomic_write_text(args.output, section)
+    if args.readme:
+        update_readme(args.readme, section)
+    logging.getLogger(__name__).info("results table -> %s%s", args.output, f" and {args.readme}" if args.readme else "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_mtl`` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(
@@ -167,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_montage(subparsers)
     _add_cv(subparsers)
     _add_baseline(subparsers)
+    _add_grid(subparsers)
+    _add_results(subparsers)
     return parser
 
 

@@ -64,8 +64,12 @@ def summarize(output_dir: str | os.PathLike, num_folds: int, allow_overlap: bool
         if not path.is_file():
             raise FileNotFoundError(f"fold {fold} has not finished: no {path}")
         metrics = json.loads(path.read_text())
-        tested = pd.read_csv(path.with_name("test_predictions.csv"), dtype={"subject_id": str})["subject_id"]
-        check_no_leakage(path.with_name("model.pt"), tested.tolist(), allow_overlap)
+        predictions, checkpoint = path.with_name("test_predictions.csv"), path.with_name("model.pt")
+        if predictions.is_file() and checkpoint.is_file():
+            tested = pd.read_csv(predictions, dtype={"subject_id": str})["subject_id"]
+            check_no_leakage(checkpoint, tested.tolist(), allow_overlap)
+        else:
+            logger.warning("fold %d: no test_predictions.csv or model.pt, cannot check it for leakage", fold)
         rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}})
     folds = pd.DataFrame(rows)
     summary = {

@@ -35,3 +35,34 @@ def test_baseline_refuses_a_split_of_another_cohort(trained_run, tiny_cohort, tm
               "--split", str(trained_run / "split.json"), "--output-dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "does not have" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_single_task_baseline_trains_on_the_same_split_with_one_path(trained_run, train_cohort, tmp_path):
+    out = tmp_path / "single"
+    assert main(["baseline", "--kind", "single-task-severity", "--dataset-dir", str(train_cohort),
+                 "--split", str(trained_run / "split.json"), "--output-dir", str(out), "--max-epochs", "1",
+                 "--override", "batch_size=8", "cache_workers=1"]) == 0
+    split = json.loads((trained_run / "split.json").read_text())
+    assert json.loads((out / "split.json").read_text())["test"] == split["test"]
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    # the response path is not built: uniform probabilities; the severity path is trained
+    assert (predictions[["prob_non_responder", "prob_partial_responder", "prob_responder"]] - 1 / 3).abs().max().max() < 1e-6
+    assert predictions["pred_severity"].std() > 0
+    import torch
+
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith("response_head") for k in state) and any(k.startswith("severity_head") for k in state)
+
+
+def test_network_variants_keep_the_output_contract():
+    import torch
+
+    from monai_mtl.networks import DualPathNet, ResNetMultiTask
+
+    x = torch.rand(2, 1, 64, 64, 16)
+    for net in (DualPathNet(tasks=["response"]), ResNetMultiTask()):
+        out = net.eval()(x)
+        assert out.shape == (2, 4) and ((out[:, 3] >= 0) & (out[:, 3] <= 1)).all()
+    assert (DualPathNet(tasks=["response"])(x)[:, 3] == 0.5).all()
+    with pytest.raises(ValueError, match="subset of"):
+        DualPathNet(tasks=["age"])

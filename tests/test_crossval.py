@@ -77,3 +77,21 @@ def test_cv_bad_fold_is_one_error_line(train_cohort, tmp_path, capsys):
         main(["cv", "--folds", "3", "--fold", "7", "--dataset-dir", str(train_cohort), "--output-dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_refuses_a_fold_tested_on_its_training_subjects(trained_run, tmp_path):
+    from monai_mtl.checkpoints import LeakageError, read_checkpoint_split
+
+    split = read_checkpoint_split(trained_run / "model.pt")
+    for fold, tested in enumerate([split["test"], split["train"][:2] + split["test"][:1]]):
+        folder = fold_dir(tmp_path, fold)
+        folder.mkdir()
+        (folder / "model.pt").write_bytes((trained_run / "model.pt").read_bytes())
+        pd.DataFrame({"subject_id": tested}).to_csv(folder / "test_predictions.csv", index=False)
+        metrics = {"n": len(tested), "accuracy": 1.0, "balanced_accuracy": 1.0, "severity_mae": 1.0,
+                   "severity_rmse": 1.0, "severity_r2": 0.9}
+        (folder / "test_metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(LeakageError, match="2 of the 3 test subjects"):
+        summarize(tmp_path, 2)
+    assert not (tmp_path / "cv_summary.json").exists()
+    assert summarize(tmp_path, 2, allow_overlap=True)["n"] == len(split["test"]) + 3
