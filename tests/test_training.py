@@ -102,6 +102,35 @@ def test_gradient_clipping_bounds_the_norm():
     assert float(total) == pytest.approx(1.0, rel=1e-4)
 
 
+def test_gradient_clipping_under_amp_unscales_first_and_steps_once():
+    """With a GradScaler the clip must act on the true gradients, and step() must not unscale them again."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(10, 4)
+    reference = torch.nn.Linear(10, 4)
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(8, 10)
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale((net(x) * 1000).pow(2).sum()).backward()
+    engine = SimpleNamespace(optimizer=optimizer, state=SimpleNamespace(output={}), amp=True, scaler=scaler)
+    GradientClipHandler(max_norm=1.0)(engine)
+    total = torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))
+    assert float(total) == pytest.approx(1.0, rel=1e-4)  # clipped in true (unscaled) units
+    scaler.step(optimizer)
+    scaler.update()
+
+    # the same step without AMP: identical weights afterwards
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    (reference(x) * 1000).pow(2).sum().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    ref_optimizer.step()
+    for a, b in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(engine.state.output["grad_norm"]) > 10.0  # the recorded norm is the true one, before clipping
+    assert float(engine.state.output["grad_norm"]) < 1e9
+
+
 def test_split_is_stratified_and_disjoint():
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(400)], "response": rng.choice(3, 400, p=[0.26, 0.5, 0.24])})
