@@ -92,10 +92,51 @@ class HeadSelector(nn.Module):
         if head not in ("response", "severity"):
             raise ValueError(f"head must be 'response' or 'severity', got {head!r}")
         self.network, self.head, self.num_classes = network, head, num_classes
+        # MONAI's CAM/gradient tools restore the wrapper's mode after each call, recursively: a wrapper
+        # left in the default train mode would switch the wrapped network to training mode
+        self.train(network.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, severity = split_output(self.network(x), self.num_classes)
         return logits if self.head == "response" else severity[:, None]
+
+
+SALIENCY_METHODS = ("gradcam", "gradient", "smoothgrad")
+
+
+def input_gradient_saliency(
+    network: nn.Module, inputs: torch.Tensor, head: str, class_idx: torch.Tensor | None = None,
+    samples: int = 0, noise: float = 0.1, seed: int = 0,
+) -> torch.Tensor:
+    """``|d output / d input|`` per voxel for one head, batched, scaled to [0, 1] per sample.
+
+    ``samples > 0`` averages over that many copies with Gaussian noise of ``noise`` times each
+    input's intensity range (SmoothGrad). MONAI's ``VanillaGrad``/``SmoothGrad`` accept one sample at
+    a time; in eval mode the samples of a batch are independent, so one backward pass of the summed
+    outputs gives every sample's gradient at once.
+
+    Args:
+        network: a multi-task network returning ``(B, num_classes + 1)``.
+        inputs: ``(B, C, H, W, D)`` on the network's device.
+        head: ``"response"`` (the logit of ``class_idx`` per sample) or ``"severity"``.
+        class_idx: ``(B,)`` class per sample for the response head.
+    """
+    was_training = network.training
+    network.eval()  # batch-norm statistics per sample would make each map depend on the rest of the batch
+    selector = HeadSelector(network, head)
+    generator = torch.Generator(device=inputs.device).manual_seed(seed)
+    spread = noise * (inputs.amax(dim=(1, 2, 3, 4), keepdim=True) - inputs.amin(dim=(1, 2, 3, 4), keepdim=True))
+    total = torch.zeros_like(inputs)
+    for _ in range(max(samples, 1)):
+        x = inputs if samples <= 0 else inputs + spread * torch.randn(inputs.shape, generator=generator, device=inputs.device)
+        x = x.detach().clone().requires_grad_(True)
+        out = selector(x)
+        target = out.gather(1, class_idx.view(-1, 1).long()) if head == "response" else out
+        (grad,) = torch.autograd.grad(target.sum(), x)
+        total += grad.abs()
+    network.train(was_training)
+    peak = total.amax(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-12)
+    return (total / peak).detach()
 
 
 def _stem(path: str) -> str:
@@ -119,6 +160,8 @@ class PredictionWriter:
         output_dir: folder for ``predictions.csv`` and ``saliency/``.
         error_rows: ``{"image", "error"}`` rows of unusable inputs.
         saliency: compute and write saliency maps.
+        method: ``"gradcam"`` (Grad-CAM on ``target_layer``), ``"gradient"`` (input gradients, full
+            resolution) or ``"smoothgrad"`` (input gradients averaged over ``saliency_samples`` noisy copies).
         target_layer: network layer Grad-CAM reads (default: the last encoder block).
         atlas: optional atlas NIfTI (the synthetic cohort's ``atlas.nii.gz``).
         saliency_png: how many inputs get a PNG overlay.
@@ -132,7 +175,12 @@ class PredictionWriter:
         target_layer: str = "encoder.3",
         atlas: str | os.PathLike | None = None,
         saliency_png: int = 3,
+        method: str = "gradcam",
+        saliency_samples: int = 8,
     ) -> None:
+        if method not in SALIENCY_METHODS:
+            raise ValueError(f"saliency method must be one of {SALIENCY_METHODS}, got {method!r}")
+        self.method, self.saliency_samples = method, saliency_samples
         self.output_dir = Path(output_dir)
         self.error_rows = list(error_rows or [])
         self.saliency, self.target_layer, self.saliency_png = saliency, target_layer, saliency_png
@@ -172,10 +220,15 @@ class PredictionWriter:
         network = engine.network
         network.eval()
         inputs = image.as_tensor().to(engine.state.device)
-        maps = {
-            "response": self._gradcam(network, "response")(inputs, class_idx=predicted.to(inputs.device)),
-            "severity": self._gradcam(network, "severity")(inputs, class_idx=0),
-        }
+        predicted = predicted.to(inputs.device)
+        if self.method == "gradcam":
+            maps = {
+                "response": self._gradcam(network, "response")(inputs, class_idx=predicted),
+                "severity": self._gradcam(network, "severity")(inputs, class_idx=0),
+            }
+        else:
+            samples = self.saliency_samples if self.method == "smoothgrad" else 0
+            maps = {head: input_gradient_saliency(network, inputs, head, predicted, samples) for head in ("response", "severity")}
         folder = self.output_dir / "saliency"
         folder.mkdir(parents=True, exist_ok=True)
         resample = SpatialResample(mode="bilinear", padding_mode="zeros")
