@@ -93,12 +93,18 @@ def _add_cv(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
     p.add_argument("--output-dir", default="runs/cv", help="folder for fold_<i>/ runs and the summary")
     p.add_argument("--fold", type=int, default=None, help="run only this fold (0-based), e.g. as one cluster job")
-    p.add_argument("--max-epochs", type=int, default=None, help="override the config's max_epochs")
-    p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides")
+    _add_run_options(p)
     p.add_argument("--allow-split-overlap", action="store_true",
                    help="summarize even if a fold tested subjects its checkpoint was trained on (not recommended)")
     p.set_defaults(func=_run_cv)
+
+
+def _add_run_options(p: argparse.ArgumentParser, config_file: bool = True) -> None:
+    """The options shared by every command that launches bundle training runs."""
+    p.add_argument("--max-epochs", type=int, default=None, help="budget: override max_epochs of every run")
+    if config_file:
+        p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides (KEY=VALUE)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -140,8 +146,7 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
     p.add_argument("--split", default="runs/train/split.json", help="split.json of the run to compare with")
     p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>)")
-    p.add_argument("--max-epochs", type=int, default=None, help="network baselines: override max_epochs")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="network baselines: more bundle overrides")
+    _add_run_options(p, config_file=False)  # network baselines only
     p.set_defaults(func=_run_baseline)
 
 
@@ -167,14 +172,12 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
     p.add_argument("--output-dir", default="runs/grid", help="folder for trial_<i>_*/ runs and the ranking")
     p.add_argument("--trial", type=int, nargs="+", default=None, help="run only these trial indices (0-based)")
-    p.add_argument("--max-epochs", type=int, default=None, help="budget: override max_epochs of every trial")
     p.add_argument("--lr", type=float, nargs="+", default=list(PAPER_GRID["learning_rate"]), help="learning rates")
     p.add_argument("--alpha", type=float, nargs="+", default=list(PAPER_GRID["focal_alpha"]), help="focal alphas")
     p.add_argument("--gamma", type=float, nargs="+", default=list(PAPER_GRID["focal_gamma"]), help="focal gammas")
     p.add_argument("--clipnorm", type=float, nargs="+", default=list(PAPER_GRID["grad_clip_norm"]), help="clip norms")
     p.add_argument("--list", action="store_true", help="print the trial indices and points, run nothing")
-    p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides")
+    _add_run_options(p)
     p.set_defaults(func=_run_grid)
 
 
