@@ -162,17 +162,18 @@ def bootstrap_intervals(table: pd.DataFrame, n_resamples: int = 1000, seed: int 
     }
 
 
-def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of a TensorBoard log folder: tag -> [(step, value)] (the last value written per step)."""
+def read_scalar_events(log_dir: str | os.PathLike) -> dict[str, list]:
+    """Every scalar event of a TensorBoard log folder: tag -> [ScalarEvent(wall_time, step, value)] in file order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    scalars = {}
-    for tag in events.Tags()["scalars"]:
-        by_step = {e.step: e.value for e in events.Scalars(tag)}
-        scalars[tag] = sorted(by_step.items())
-    return scalars
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of a TensorBoard log folder: tag -> [(step, value)] (the last value written per step)."""
+    return {tag: sorted({e.step: e.value for e in events}.items()) for tag, events in read_scalar_events(log_dir).items()}
 
 
 def evaluate_run(
@@ -227,5 +228,5 @@ def evaluate_run(
 
 __all__ = [
     "PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint",
-    "bootstrap_intervals", "read_scalars", "evaluate_run",
+    "bootstrap_intervals", "read_scalar_events", "read_scalars", "evaluate_run",
 ]

@@ -47,3 +47,13 @@ def trained_run(train_cohort, tmp_path_factory):
         max_epochs=2, batch_size=8, cache_workers=1,
     )
     return output
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A writable copy of the two-epoch training run (tests that resume, evaluate or damage it)."""
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(trained_run, target)
+    return target

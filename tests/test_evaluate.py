@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -14,13 +13,6 @@ from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG, run_bundle
 from monai_mtl.evaluation import report_from_predictions
 
 EVAL_CONFIGS = [TRAIN_CONFIG, str(BUNDLE_CONFIGS / "evaluate.json")]
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(trained_run, target)
-    return target
 
 
 def _evaluate(cohort, run_dir):

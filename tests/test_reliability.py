@@ -86,11 +86,8 @@ def test_training_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run
     assert have == pytest.approx(want, abs=1e-6)
 
 
-def test_finished_run_is_not_retrained_and_fresh_start_is_explicit(trained_run, train_cohort, tmp_path, caplog):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+def test_finished_run_is_not_retrained_and_fresh_start_is_explicit(run_copy, train_cohort, caplog):
+    run = run_copy
     state_before = (run / "training_state.pt").read_bytes()
     with caplog.at_level("INFO"):
         run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(run),
@@ -160,11 +157,8 @@ def test_unwritable_output_dir_is_a_clear_error(train_cohort, tmp_path):
     assert re.search(r"output_dir .*a_file/run is not writable: Not a directory", str(error))
 
 
-def test_write_failure_midway_through_training_keeps_the_last_good_checkpoint(trained_run, train_cohort, tmp_path, monkeypatch):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+def test_write_failure_midway_through_training_keeps_the_last_good_checkpoint(run_copy, train_cohort, monkeypatch):
+    run = run_copy
     model_before = (run / "model.pt").read_bytes()
     state_before = (run / "training_state.pt").read_bytes()
     real_save = torch.save
