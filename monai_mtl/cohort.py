@@ -99,6 +99,23 @@ def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+def check_volume(data: np.ndarray, path: str | os.PathLike) -> None:
+    """Check a loaded 3D volume's voxels: all finite and not constant.
+
+    Raises:
+        CohortError: naming ``path``: NaN/Inf voxels or a constant volume.
+    """
+    if not np.all(np.isfinite(data)):
+        raise CohortError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are NaN or infinite")
+    if data.min() == data.max():
+        raise CohortError(f"{path}: the volume is constant ({data.min()}), nothing to learn from")
+
+
+def not_3d_error(path: str | os.PathLike, shape: tuple[int, ...]) -> CohortError:
+    """The error for a file that does not hold one 3D volume."""
+    return CohortError(f"{path}: expected a 3D volume, got shape {tuple(int(n) for n in shape)}")
+
+
 def check_image(path: str | os.PathLike) -> tuple[int, ...]:
     """Read a NIfTI file fully and check it is a usable 3D volume; returns its 3D shape.
 
@@ -111,17 +128,19 @@ def check_image(path: str | os.PathLike) -> tuple[int, ...]:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files (ImageFileError, EOFError, OSError, ...)
-        raise CohortError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from None
+        raise unreadable_error(path, err) from None
     shape = tuple(int(n) for n in data.shape)
     if len(shape) == 4 and shape[3] == 1:
         data = data[..., 0]
     elif len(shape) != 3:
-        raise CohortError(f"{path}: expected a 3D volume, got shape {shape}")
-    if not np.all(np.isfinite(data)):
-        raise CohortError(f"{path}: {int((~np.isfinite(data)).sum())} voxels are NaN or infinite")
-    if data.min() == data.max():
-        raise CohortError(f"{path}: the volume is constant ({data.min()}), nothing to learn from")
+        raise not_3d_error(path, shape)
+    check_volume(data, path)
     return tuple(data.shape)
+
+
+def unreadable_error(path: str | os.PathLike, err: BaseException) -> CohortError:
+    """The error for a file that cannot be read as NIfTI, with the reader's own exception."""
+    return CohortError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})")
 
 
 def image_errors(paths: list[str], workers: int = 4) -> list[str | None]:

@@ -1,15 +1,17 @@
 """Inference on new scans: input discovery with per-file checks, a predictions CSV, and Grad-CAM saliency maps.
 
-Every input file is checked before the batch run (:func:`monai_mtl.cohort.check_image`); a bad file
-gets its row in ``predictions.csv`` with the ``error`` column filled and the others are still
-processed. Saliency maps are computed on the model's grid and resampled, through the affines MONAI
-tracks, back onto each input scan's own grid, so they overlay the scan in any NIfTI viewer.
+Every input file is read once, by the same transforms as in training, and checked on that copy
+(:class:`monai_mtl.transforms.CheckImaged`); a file that cannot be read or fails a check gets its
+row in ``predictions.csv`` with the ``error`` column filled, and the others are still processed.
+Saliency maps are computed on the model's grid and resampled, through the affines MONAI tracks,
+back onto each input scan's own grid, so they overlay the scan in any NIfTI viewer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -17,13 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor, list_data_collate
 from monai.transforms import SpatialResample
 from monai.visualize import GradCAM
 from torch import nn
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
-from monai_mtl.cohort import CohortError, image_errors
+from monai_mtl.cohort import CohortError, unreadable_error
 from monai_mtl.io import atomic_write_text
 from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
 from monai_mtl.synthetic import ATLAS_LABELS, nifti_image
@@ -64,21 +66,61 @@ def find_inputs(dataset_dir: str | os.PathLike, image_column: str = "image") -> 
     raise CohortError(f"{source}: not a folder of NIfTI files nor a CSV file")
 
 
-def prepare_inputs(dataset_dir: str | os.PathLike, workers: int = 4) -> tuple[list[dict], list[dict]]:
-    """Check every input; returns ``(datalist of usable inputs, error rows of the others)``.
+def input_datalist(dataset_dir: str | os.PathLike) -> list[dict]:
+    """``[{"image": path}, ...]`` for every input of :func:`find_inputs`, in its order."""
+    return [{"image": path} for path in find_inputs(dataset_dir)]
 
-    Raises:
-        CohortError: when no input is usable.
+
+def _input_error(path: str, err: BaseException) -> str:
+    """The message of the first :class:`CohortError` in an exception chain, else "cannot read" with the innermost cause."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        if len(chain) > 20:
+            break
+    for link in chain:
+        if isinstance(link, CohortError):
+            return str(link)
+    return str(unreadable_error(path, chain[-1]))
+
+
+class TolerantDataset(Dataset):
+    """A MONAI ``Dataset`` that turns a failing input into ``{"image": path, "error": message}``.
+
+    Each scan is read once, by the transforms, and checked there (``CheckImaged``); a file that
+    fails does not stop the run: its error travels to ``predictions.csv`` through
+    :class:`UsableCollate`, and the other inputs are still predicted.
     """
-    paths = find_inputs(dataset_dir)
-    errors = image_errors(paths, workers)
-    good = [{"image": p} for p, e in zip(paths, errors) if e is None]
-    bad = [{"image": p, "error": e} for p, e in zip(paths, errors) if e is not None]
-    for row in bad:
-        logger.warning("skipping %s", row["error"])
-    if not good:
-        raise CohortError(f"{dataset_dir}: none of the {len(paths)} input file(s) is usable; first error: {bad[0]['error']}")
-    return good, bad
+
+    def _transform(self, index: int) -> dict:
+        try:
+            return super()._transform(index)
+        except Exception as err:  # any reader or transform failure is this file's error, not the run's
+            path = str(self.data[index]["image"])
+            message = _input_error(path, err)
+            logger.warning("skipping %s", message)
+            return {"image": path, "error": message}
+
+
+class UsableCollate:
+    """Collate the usable items of a :class:`TolerantDataset` batch; the failed ones go to ``batch["errors"]``.
+
+    A batch with no usable item gets an empty image batch ``(0, 1, *spatial_size)``, which the
+    network passes through, so the evaluator's loop needs no special case.
+    """
+
+    def __init__(self, spatial_size: Sequence[int]) -> None:
+        self.spatial_size = tuple(int(n) for n in spatial_size)
+
+    def __call__(self, items: list[dict]) -> dict:
+        usable = [item for item in items if "error" not in item]
+        errors = [{"image": item["image"], "error": item["error"]} for item in items if "error" in item]
+        if usable:
+            batch = list_data_collate(usable)
+        else:
+            batch = {"image": MetaTensor(torch.zeros(0, 1, *self.spatial_size), meta={"filename_or_obj": []})}
+        batch["errors"] = errors
+        return batch
 
 
 class HeadSelector(nn.Module):
@@ -150,7 +192,9 @@ def _stem(path: str) -> str:
 class PredictionWriter:
     """Collect predictions of an inference evaluator and write ``predictions.csv`` when it completes.
 
-    Rows of inputs that failed their checks (``error_rows``) are written too, with ``error`` filled.
+    Inputs that failed to load or failed their checks (``batch["errors"]``, from :class:`UsableCollate`)
+    get their row too, with ``error`` filled; rows follow the order of ``inputs`` when it is given. A
+    run in which no input was usable raises :class:`CohortError` and writes nothing.
     Optionally computes Grad-CAM saliency per head and writes it as NIfTI in each input's space
     (``<output_dir>/saliency/<stem>_response.nii.gz`` and ``<stem>_severity.nii.gz``), PNG overlays of
     the first ``saliency_png`` inputs, and, when ``atlas`` is given and an input lies on its grid,
@@ -158,11 +202,12 @@ class PredictionWriter:
 
     Args:
         output_dir: folder for ``predictions.csv`` and ``saliency/``.
-        error_rows: ``{"image", "error"}`` rows of unusable inputs.
+        inputs: the datalist the evaluator reads (for the row order).
         saliency: compute and write saliency maps.
         method: ``"gradcam"`` (Grad-CAM on ``target_layer``), ``"gradient"`` (input gradients, full
             resolution) or ``"smoothgrad"`` (input gradients averaged over ``saliency_samples`` noisy copies).
-        target_layer: network layer Grad-CAM reads (default: the last encoder block).
+        target_layer: network layer Grad-CAM reads; ``{head}`` in the name is replaced by the head
+            (``"{head}_head.block"``: each task path's own last block).
         atlas: optional atlas NIfTI (the synthetic cohort's ``atlas.nii.gz``).
         saliency_png: how many inputs get a PNG overlay.
     """
@@ -170,9 +215,9 @@ class PredictionWriter:
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        error_rows: list[dict] | None = None,
+        inputs: list[dict] | None = None,
         saliency: bool = False,
-        target_layer: str = "encoder.3",
+        target_layer: str = "{head}_head.block",
         atlas: str | os.PathLike | None = None,
         saliency_png: int = 3,
         method: str = "gradcam",
@@ -182,7 +227,8 @@ class PredictionWriter:
             raise ValueError(f"saliency method must be one of {SALIENCY_METHODS}, got {method!r}")
         self.method, self.saliency_samples = method, saliency_samples
         self.output_dir = Path(output_dir)
-        self.error_rows = list(error_rows or [])
+        self.order = {str(item["image"]): i for i, item in enumerate(inputs or [])}
+        self.error_rows: list[dict] = []
         self.saliency, self.target_layer, self.saliency_png = saliency, target_layer, saliency_png
         self.atlas_path = Path(atlas) if atlas and Path(atlas).is_file() else None
         self.rows: list[dict] = []
@@ -196,7 +242,10 @@ class PredictionWriter:
 
     def _collect(self, engine: Engine) -> None:
         batch = engine.state.batch
+        self.error_rows.extend(batch.get("errors", []))
         image = batch["image"]
+        if image.shape[0] == 0:
+            return
         paths = list(image.meta["filename_or_obj"])
         pred = engine.state.output["pred"]
         pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
@@ -213,7 +262,8 @@ class PredictionWriter:
 
     def _gradcam(self, network: nn.Module, head: str) -> GradCAM:
         if head not in self._cams:
-            self._cams[head] = GradCAM(nn_module=HeadSelector(network, head), target_layers=f"network.{self.target_layer}")
+            layer = self.target_layer.format(head=head)
+            self._cams[head] = GradCAM(nn_module=HeadSelector(network, head), target_layers=f"network.{layer}")
         return self._cams[head]
 
     def _write_saliency(self, engine: Engine, image: MetaTensor, predicted: torch.Tensor) -> None:
@@ -263,7 +313,12 @@ class PredictionWriter:
             self.region_rows.append(row)
 
     def _write(self, engine: Engine) -> None:
-        table = pd.DataFrame(self.rows + self.error_rows, columns=list(PREDICTION_COLUMNS))
+        if not self.rows:
+            total = len(self.error_rows)
+            first = self.error_rows[0]["error"] if self.error_rows else "no input"
+            raise CohortError(f"none of the {total} input file(s) is usable; first error: {first}")
+        rows = sorted(self.rows + self.error_rows, key=lambda row: self.order.get(str(row["image"]), len(self.order)))
+        table = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
         table["error"] = table["error"].fillna("")
         atomic_write_text(self.output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
         logger.info("wrote %d predictions (%d errors) to %s", len(self.rows), len(self.error_rows), self.output_dir / "predictions.csv")

@@ -57,6 +57,7 @@ def inference_run(trained_run, scans, tmp_path_factory):
     run_bundle(
         "run", INFER_CONFIG, dataset_dir=str(scans), output_dir=str(output),
         ckpt_path=str(trained_run / "model.pt"), saliency=True,
+        batch_size=2,  # in name order the first batch (all_nan, constant) has no usable scan at all
     )
     return output
 
@@ -66,6 +67,8 @@ def test_predictions_csv_schema_and_bad_files(inference_run, scans):
     table["error"] = table["error"].fillna("")
     assert list(table.columns) == list(PREDICTION_COLUMNS)
     assert len(table) == 8  # every NIfTI-named file has a row; notes.txt is not an input
+    names = [p.split("/")[-1] for p in table["image"]]
+    assert names == sorted(names)  # the inputs' order, errors included
     rows = {p.split("/")[-1]: r for p, r in zip(table["image"], table.to_dict("records"))}
     for name in ("lps_int16.nii.gz", "ras_float64.nii", "synthetic.nii.gz"):
         row = rows[name]
