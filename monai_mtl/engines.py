@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ class MultiTaskPrepareBatch(PrepareBatch):
         image_key, response_key, severity_key: keys of the batch dict.
         channels_last: hand the image to the network in ``channels_last_3d`` memory format (faster
             3D convolutions on CPU; the network should be converted the same way).
+        augmentation: optional function applied to the image batch on the device (training only,
+            e.g. :class:`~monai_mtl.transforms.BatchIntensityAugmentation`).
     """
 
     def __init__(
@@ -30,8 +32,10 @@ class MultiTaskPrepareBatch(PrepareBatch):
         response_key: str = "response",
         severity_key: str = "severity",
         channels_last: bool = False,
+        augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.image_key, self.response_key, self.severity_key = image_key, response_key, severity_key
+        self.augmentation = augmentation
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def __call__(
@@ -42,6 +46,8 @@ class MultiTaskPrepareBatch(PrepareBatch):
             # metadata is not needed past this point, and MetaTensor's __torch_function__ slowed training by ~30%
             image = image.as_tensor()
         image = torch.as_tensor(image).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.augmentation is not None:
+            image = self.augmentation(image)
         if image.ndim == 5:
             image = image.contiguous(memory_format=self.memory_format)
         targets = {
