@@ -46,7 +46,7 @@ DEFAULT_ROWS = (
     Row("single-task CNN, severity only (same encoder)", "runs/baselines/single-task-severity",
         "`python -m monai_mtl baseline --kind single-task-severity`", ("severity",)),
     Row("MONAI 3D ResNet-18, two heads", "runs/baselines/resnet18",
-        "`python -m monai_mtl baseline --kind resnet18 --max-epochs 10`"),
+        "`python -m monai_mtl baseline --kind resnet18`"),
     Row("class-median severity (true class given; no imaging)", "runs/baselines/class-median",
         "`python -m monai_mtl baseline --kind class-median`", ("severity",), "true class given"),
     Row("scikit-learn on atlas-region intensities", "runs/baselines/classical",
