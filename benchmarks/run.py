@@ -109,6 +109,27 @@ def bench_train(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     ]
 
 
+ENCODER_VARIANTS = (  # (label, DualPathNet arguments): the choices behind the default network
+    ("strides (2, 1, 1, 1), shared last block (the previous default)", {"strides": (2, 1, 1, 1), "task_blocks": 0}),
+    ("strides (2, 1, 1, 1), widths 16-24-48-96", {"strides": (2, 1, 1, 1), "channels": (16, 24, 48, 96), "task_blocks": 0}),
+    ("strides (2,2,2), (2,2,1), 1, 1", {"strides": ((2, 2, 2), (2, 2, 1), 1, 1), "task_blocks": 0}),
+    ("strides (2, 2, 1, 1), shared last block", {"strides": (2, 2, 1, 1), "task_blocks": 0}),
+    ("strides (2, 2, 1, 1), a last block per task (the default)", {"strides": (2, 2, 1, 1), "task_blocks": 1}),
+)
+
+
+@bench("encoders")
+def bench_encoders(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Training-step throughput of DualPathNet encoder variants, side by side (batch 16, channels_last_3d)."""
+    from monai_mtl.networks import DualPathNet
+
+    rows = []
+    for label, kwargs in ENCODER_VARIANTS:
+        rate = _train_throughput(DualPathNet(dropout=0.1, **kwargs), channels_last=True, steps=args.train_steps)
+        rows.append((f"train step, DualPathNet {label}", f"{1275 / rate:.0f} s/epoch", f"{rate:.1f} vol/s"))
+    return rows
+
+
 @bench("loop")
 def bench_loop(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """The real training loop (bundle train.json: cached data, batch augmentation, precise BN, validation), epoch 2 timed."""
