@@ -43,6 +43,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--spacing", type=float, nargs=3, default=list(defaults.spacing_mm), metavar=("X", "Y", "Z"), help="voxel size in mm"
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--sites", type=int, default=1,
+        help="acquisition sites: each has its own voxel size, slice thickness, bias field, contrast, Rician noise and "
+        "artifact (recorded in cohort.json); labels.csv gets a 'site' column. 1: the paper's cohort",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_generate)
 
@@ -59,7 +64,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         class_proportions=tuple(args.class_proportions),
         severity_ranges=tuple((ranges[i], ranges[i + 1]) for i in range(0, 6, 2)),
     )
-    generate_cohort(args.output, config, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress)
+    generate_cohort(args.output, config, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
+                    sites=args.sites)
     return 0
 
 
@@ -194,6 +200,55 @@ def _run_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
+    from monai_mtl.artifacts import ARTIFACT_KINDS
+
+    p = subparsers.add_parser(
+        "robustness",
+        help="scans from other scanners: artifact sweep on a run's test part, other grids, leave-one-site-out",
+        description="With --run: the run's best checkpoint on its test part, clean and with each scanner artifact at "
+        "several strengths (and, for a synthetic cohort, re-rendered on other grids with the same field of view) -> "
+        "robustness.csv and robustness.png. With --leave-site-out: one training per site of a multi-site cohort "
+        "with that site held out, beside a within-site cross-validation -> leave_site_out.csv/.md. Artifacts: "
+        + "; ".join(f"{k}: {v}" for k, v in ARTIFACT_KINDS.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--run", default=None, help="training run folder (model.pt, split.json) for the artifact sweep")
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--output-dir", default=None, help="where to write (default: <run>/robustness or runs/leave_site_out)")
+    p.add_argument("--kinds", nargs="+", choices=sorted(ARTIFACT_KINDS), default=None, help="artifact kinds (default: all)")
+    p.add_argument("--grids", nargs="*", default=None, metavar="XxYxZ",
+                   help="grids to re-render the test subjects on (synthetic cohorts; default 80x72x24 48x48x12 128x128x32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts")
+    p.add_argument("--leave-site-out", action="store_true", help="one training per held-out site, and a within-site CV")
+    p.add_argument("--folds", type=int, default=5, help="folds of the within-site cross-validation (--leave-site-out)")
+    _add_run_options(p)
+    p.set_defaults(func=_run_robustness)
+
+
+def _run_robustness(args: argparse.Namespace) -> int:
+    from monai_mtl.robustness import DEFAULT_GRIDS, DEFAULT_STRENGTHS, artifact_sweep, leave_site_out
+    from monai_mtl.runs import DEFAULT_CONFIG
+
+    if args.run is None and not args.leave_site_out:
+        raise ValueError("give --run RUN_DIR (artifact sweep), --leave-site-out, or both")
+    if args.run is not None:
+        strengths = {k: DEFAULT_STRENGTHS[k] for k in (args.kinds or DEFAULT_STRENGTHS)}
+        grids = DEFAULT_GRIDS if args.grids is None else [_grid(g) for g in args.grids]
+        artifact_sweep(args.run, args.dataset_dir, args.output_dir or f"{args.run}/robustness", strengths, grids, args.seed)
+    if args.leave_site_out:
+        leave_site_out(args.dataset_dir, args.output_dir or "runs/leave_site_out", args.config_file or [DEFAULT_CONFIG],
+                       _overrides(args), args.folds)
+    return 0
+
+
+def _grid(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--grids takes sizes like 80x72x24, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _add_results(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "results",
@@ -233,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cv(subparsers)
     _add_baseline(subparsers)
     _add_grid(subparsers)
+    _add_robustness(subparsers)
     _add_results(subparsers)
     return parser
 

@@ -29,6 +29,10 @@ class LeakageError(CohortError):
     """Subjects being tested were used to train or select the checkpoint."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as given: missing, unreadable, of another kind, or contradicted by a setting."""
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary sibling of ``path``, flushed to disk, then renamed over ``path``.
 
@@ -73,10 +77,77 @@ def with_run_metadata(state_dict: dict, **facts: Any) -> dict:
     return state_dict
 
 
+def load_state_dict_file(checkpoint: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A model state dict from ``checkpoint`` (a bare state dict, or ``{"model": state_dict}`` as ignite saves).
+
+    Raises:
+        CheckpointError: naming the file: missing, a folder, unreadable or truncated, or not a state dict
+            (e.g. a ``training_state.pt``, which holds the optimizer and random states too).
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path} (expected a model.pt written by training)")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (expected a model.pt written by training)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors... for damaged or foreign files
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a model state dict (a training_state.pt? expected the run's model.pt)")
+    return state
+
+
 def read_run_metadata(checkpoint: str | os.PathLike) -> dict:
     """The facts :func:`with_run_metadata` stored in a checkpoint (``{}`` for any other checkpoint)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(checkpoint)
     return dict(getattr(state, "_metadata", {}).get("", {}).get(_METADATA_KEY, {}))
+
+
+def checkpoint_settings(checkpoint: str | os.PathLike, **explicit: Any) -> dict[str, Any]:
+    """The preprocessing and network a checkpoint was trained with, for evaluation and inference.
+
+    ``explicit`` holds :class:`~monai_mtl.transforms.Preprocessing` fields given on the command line
+    (``None``: not given, take the checkpoint's). A given value that contradicts the checkpoint is
+    refused: the model would be fed another input than it was trained on and predict wrongly without
+    a sign. A value equal to the checkpoint's is accepted.
+
+    Returns:
+        ``{"preprocessing": Preprocessing, "network": dict}`` (``network``: see
+        :func:`~monai_mtl.networks.network_config`).
+
+    Raises:
+        CheckpointError: a contradiction (naming the key, the checkpoint's value and the given one), or a
+            checkpoint that stores no settings (not written by this package's training).
+    """
+    from monai_mtl.transforms import Preprocessing
+
+    metadata = read_run_metadata(checkpoint)
+    if "preprocessing" not in metadata or "network" not in metadata:
+        raise CheckpointError(
+            f"{checkpoint} stores no preprocessing and network settings: expected a model.pt written by "
+            "'python -m monai.bundle run training' of monai-mtl >= 0.2 (retrain older runs)"
+        )
+    trained = Preprocessing.from_dict(metadata["preprocessing"])
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        if key not in Preprocessing.__dataclass_fields__:
+            raise CheckpointError(f"unknown preprocessing setting {key!r}")
+        wanted = getattr(Preprocessing(**{**trained.to_dict(), key: value}), key)  # normalised like the stored value
+        if wanted != getattr(trained, key):
+            raise CheckpointError(
+                f"{key}={_plain(value)} contradicts {checkpoint}, which was trained with {key}={_plain(getattr(trained, key))}; "
+                f"leave {key} unset to use the checkpoint's"
+            )
+    return {"preprocessing": trained, "network": dict(metadata["network"])}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def read_checkpoint_split(checkpoint: str | os.PathLike) -> dict[str, list[str]] | None:
@@ -125,11 +196,17 @@ class BestModelSaver:
         path: checkpoint file (e.g. ``<output_dir>/model.pt``).
         network: the network (a ``DistributedDataParallel`` wrapper is unwrapped).
         split: subject ids of each split part, stored for the leakage check of later evaluations.
+        preprocessing: the input definition (:class:`~monai_mtl.transforms.Preprocessing` or its dict),
+            stored so that evaluation and inference feed the model as it was trained.
     """
 
-    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None,
+        preprocessing: Any = None,
+    ) -> None:
         self.path, self.network = Path(path), network
         self.split = {k: list(v) for k, v in (split or {}).items()}
+        self.preprocessing = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else preprocessing
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -137,10 +214,15 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch != engine.state.epoch:
             return
+        from monai_mtl.networks import network_config
+
         module = getattr(self.network, "module", self.network)
+        facts = {"network": network_config(module)} if hasattr(module, "init_args") else {}
+        if self.preprocessing is not None:
+            facts["preprocessing"] = dict(self.preprocessing)
         state = with_run_metadata(
             module.state_dict(), split=self.split, epoch=int(engine.state.epoch),
-            metric=float(engine.state.best_metric), metric_name=str(engine.state.key_metric_name),
+            metric=float(engine.state.best_metric), metric_name=str(engine.state.key_metric_name), **facts,
         )
         atomic_torch_save(state, self.path)
         logger.info("epoch %d: new best %s %.4f -> %s", engine.state.epoch, engine.state.key_metric_name,
@@ -304,6 +386,6 @@ class TrainingStateCheckpoint:
 
 
 __all__ = [
-    "LeakageError", "atomic_torch_save", "split_ids", "with_run_metadata", "read_run_metadata", "read_checkpoint_split", "check_no_leakage",
+    "LeakageError", "CheckpointError", "load_state_dict_file", "checkpoint_settings", "atomic_torch_save", "split_ids", "with_run_metadata", "read_run_metadata", "read_checkpoint_split", "check_no_leakage",
     "BestModelSaver", "TrainingStateCheckpoint",
 ]

@@ -173,13 +173,16 @@ def stratified_split(
     seed: int = 42,
     num_folds: int = 0,
     fold: int = 0,
+    held_out_site: object = None,
 ) -> dict[str, list[str]]:
     """Stratified ``train`` / ``validation`` / ``test`` subject ids.
 
     ``test_fraction`` of the cohort is held out first; ``validation_fraction`` of the rest is carved
     from the training side (it drives early stopping, checkpoint selection and LR scheduling).
     With ``num_folds > 1`` the test part is instead fold ``fold`` of a stratified k-fold partition
-    (seeded), and the validation part is carved from the other folds.
+    (seeded), and the validation part is carved from the other folds. With ``held_out_site`` the
+    test part is every subject of that ``site`` (leave-one-site-out), and the other sites are split
+    into training and validation.
     """
     for name, fraction in (("test_fraction", test_fraction), ("validation_fraction", validation_fraction)):
         if not 0.0 < fraction < 1.0:
@@ -197,8 +200,17 @@ def stratified_split(
         raise CohortError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
     if num_folds > 1 and smallest < num_folds:
         raise CohortError(f"cannot make {num_folds} stratified folds: the smallest class has {smallest} subjects")
+    if held_out_site is not None:
+        if "site" not in table.columns:
+            raise CohortError(f"held_out_site {held_out_site!r} needs a 'site' column in labels.csv")
+        at_site = (table["site"].astype(str) == str(held_out_site)).to_numpy()
+        if not at_site.any() or at_site.all():
+            sites = sorted(table["site"].astype(str).unique())
+            raise CohortError(f"held_out_site {held_out_site!r} must be one of several sites in labels.csv, which has {sites}")
     try:
-        if num_folds > 1:
+        if held_out_site is not None:
+            rest, test = ids[~at_site], ids[at_site]
+        elif num_folds > 1:
             folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
             rest_index, test_index = list(folds.split(ids, table["response"]))[fold]
             rest, test = ids[rest_index], ids[test_index]
@@ -266,6 +278,7 @@ def prepare_datalists(
     validate_images: bool = True,
     num_folds: int = 0,
     fold: int = 0,
+    held_out_site: object = None,
 ) -> dict[str, list[dict]]:
     """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
 
@@ -274,7 +287,8 @@ def prepare_datalists(
     run folder from mixing two splits.
 
     With ``num_folds > 1`` the test part is fold ``fold`` of a stratified k-fold partition
-    (cross-validation); ``test_fraction`` is then unused.
+    (cross-validation); ``test_fraction`` is then unused. With ``held_out_site`` the test part is
+    that site's subjects (leave-one-site-out).
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
@@ -285,8 +299,10 @@ def prepare_datalists(
     settings = {"seed": int(seed), "test_fraction": float(test_fraction), "validation_fraction": float(validation_fraction)}
     if num_folds > 1:
         settings.update(num_folds=int(num_folds), fold=int(fold))
+    if held_out_site is not None:
+        settings.update(held_out_site=str(held_out_site))
     split_path = Path(output_dir) / "split.json"
-    split = stratified_split(table, test_fraction, validation_fraction, seed, num_folds, fold)
+    split = stratified_split(table, test_fraction, validation_fraction, seed, num_folds, fold, held_out_site)
     if split_path.is_file():
         stored = json.loads(split_path.read_text())
         if {k: stored.get(k) for k in SPLIT_KEYS} != split or stored.get("settings") != settings:

@@ -12,10 +12,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
-from monai_mtl.checkpoints import check_no_leakage
+from monai_mtl.checkpoints import CheckpointError, check_no_leakage, load_state_dict_file, read_run_metadata
 from monai_mtl.io import atomic_write_json, atomic_write_text
 from monai_mtl.metrics import prediction_report
-from monai_mtl.networks import split_output
+from monai_mtl.networks import network_config, split_output
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +87,38 @@ def report_from_predictions(table: pd.DataFrame) -> dict:
 
 
 def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load ``checkpoint`` (a ``{"model": state_dict}`` file from ``CheckpointSaver``, or a bare state dict)."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    """Load ``checkpoint`` (a bare state dict, or ``{"model": state_dict}``) into ``network``.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or its weights do not fit ``network``;
+            the message names the network settings that differ when the checkpoint stores its own.
+    """
+    state = load_state_dict_file(checkpoint, map_location=device)
     target = network.module if hasattr(network, "module") else network
     try:
         target.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{checkpoint} does not fit the network {type(target).__name__}: {err}") from None
+    except RuntimeError:
+        raise CheckpointError(f"{checkpoint} does not fit the network {type(target).__name__}: "
+                              f"{_network_difference(checkpoint, target)}") from None
+
+
+def _network_difference(checkpoint: str | os.PathLike, network: torch.nn.Module) -> str:
+    """Which network settings differ between a checkpoint and ``network``, or which weights, when it stores none."""
+    stored = read_run_metadata(checkpoint).get("network")
+    if stored and hasattr(network, "init_args"):
+        current = network_config(network)
+        keys = sorted(set(stored) | set(current))
+        differ = [f"{k}: checkpoint {stored.get(k)!r}, network {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+        if differ:
+            return "; ".join(differ)
+    state = load_state_dict_file(checkpoint)
+    expected = network.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    parts = [f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})"] if unexpected else []
+    parts += [f"{len(shapes)} weights of another shape (e.g. {sorted(shapes)[0]})"] if shapes else []
+    return "; ".join(parts) or "the weights do not load"
 
 
 def _evaluated_subjects(evaluator: Engine) -> list[str]:

@@ -150,3 +150,29 @@ def training_curves(scalars: dict[str, list[tuple[int, float]]], output: str | o
         ax.set_xlabel("epoch")
         ax.legend()
     return save_figure(fig, output)
+
+
+def robustness_figure(table: pd.DataFrame, output: str | os.PathLike) -> Path:
+    """Accuracy and severity MAE per artifact kind against its strength, the clean scan as a dashed line.
+
+    Args:
+        table: ``robustness.csv``'s rows (``kind``, ``strength``, ``accuracy``, ``severity_mae``; a ``clean`` row).
+    """
+    clean = table[table["kind"] == "clean"].iloc[0]
+    kinds = [k for k in dict.fromkeys(table["kind"]) if k != "clean"]
+    fig, axes = plt.subplots(2, max(len(kinds), 1), figsize=(2.3 * max(len(kinds), 1), 4.6), squeeze=False)
+    for col, kind in enumerate(kinds):
+        rows = table[table["kind"] == kind]
+        for row, (metric, label) in enumerate((("accuracy", "accuracy"), ("severity_mae", "severity MAE"))):
+            ax = axes[row, col]
+            ax.plot(range(len(rows)), rows[metric].to_numpy(), marker="o")
+            ax.axhline(clean[metric], color="k", ls="--", lw=0.8)
+            ax.set_xticks(range(len(rows)), [str(s) for s in rows["strength"]], fontsize=7, rotation=30)
+            if row == 0:
+                ax.set_title(kind.replace("_", " "), fontsize=9)
+                ax.set_ylim(0, 1.02)
+            if col == 0:
+                ax.set_ylabel(label)
+    fig.suptitle("Test part under scanner artifacts (dashed: clean scans)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, output)

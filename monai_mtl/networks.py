@@ -8,7 +8,8 @@ the response logits (softmax gives the class probabilities) followed by the sigm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,6 +125,11 @@ class DualPathNet(nn.Module):
         tasks: Sequence[str] = TASKS,
     ) -> None:
         super().__init__()
+        self.init_args = {
+            "in_channels": in_channels, "num_classes": num_classes, "channels": list(channels),
+            "strides": [list(s) if isinstance(s, Sequence) else s for s in strides], "hidden": hidden,
+            "dropout": dropout, "task_blocks": task_blocks, "tasks": list(tasks),
+        }
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
@@ -184,6 +190,7 @@ class ResNetMultiTask(nn.Module):
         super().__init__()
         from monai.networks.nets import resnet18
 
+        self.init_args = {"in_channels": in_channels, "num_classes": num_classes, "dropout": dropout, "conv1_stride": conv1_stride}
         self.encoder = resnet18(spatial_dims=3, n_input_channels=in_channels, conv1_t_stride=conv1_stride, feed_forward=False)
         width = 512
         self.num_classes = num_classes
@@ -193,3 +200,27 @@ class ResNetMultiTask(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
         return torch.cat([self.response_head(features), torch.sigmoid(self.severity_head(features))], dim=1)
+
+
+def network_config(network: nn.Module) -> dict[str, Any]:
+    """``{"_target_": "module.Class", **constructor arguments}`` of a network of this package (DDP unwrapped).
+
+    Stored in every checkpoint, so evaluation and inference rebuild exactly the trained network.
+
+    Raises:
+        TypeError: a network that does not record its constructor arguments (``init_args``).
+    """
+    network = getattr(network, "module", network)
+    args = getattr(network, "init_args", None)
+    if args is None:
+        raise TypeError(f"{type(network).__name__} does not record its constructor arguments (init_args)")
+    return {"_target_": f"{type(network).__module__}.{type(network).__qualname__}", **args}
+
+
+def build_network(config: Mapping[str, Any]) -> nn.Module:
+    """The network described by :func:`network_config`'s dict (a bundle ``network_def`` dict works too)."""
+    from monai.utils import instantiate
+
+    config = dict(config)
+    target = config.pop("_target_")
+    return instantiate(target if "." in target else f"{__name__}.{target}", "default", **config)

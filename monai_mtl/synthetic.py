@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -170,6 +170,70 @@ def subject_id(index: int) -> str:
 def _subject_rng(seed: int, index: int) -> np.random.Generator:
     # One independent stream per subject: the cohort is the same whatever the worker count or N.
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+# Site draws come from streams of their own (tagged), so adding sites never changes a subject's own draws.
+_SITE_STREAM = 0x517E
+
+
+@dataclass(frozen=True)
+class SiteAcquisition:
+    """One site's scanner, drawn once per site: its grid, slab thickness, bias field, contrast, noise and artifact.
+
+    The field of view is the cohort's; the voxel size differs. Each slice integrates the anatomy over
+    ``slice_thickness_mm`` (not just another sampling grid). Then, in this order: the bias field
+    (``exp`` of a degree-2 polynomial with ``bias_coefficients`` over the field of view), the contrast
+    change ``I ** gamma``, Rician noise of ``rician_std``, and the artifact (``none``, ``motion``
+    ghosting or ``gibbs`` ringing, see :mod:`monai_mtl.artifacts`) at ``artifact_strength``.
+    """
+
+    site: int
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    slice_thickness_mm: float
+    bias_coefficients: tuple[float, ...]
+    gamma: float
+    rician_std: float
+    artifact: str
+    artifact_strength: float
+
+
+def draw_sites(config: CohortConfig, num_sites: int) -> list[SiteAcquisition]:
+    """The acquisitions of ``num_sites`` sites (site ``k`` from its own stream of ``config.seed``).
+
+    In-plane voxel size 0.8-1.25x and slice spacing 0.75-1.5x the cohort's, slabs 1.0-1.3x the slice
+    spacing thick, bias-field coefficients with a standard deviation of 0.05-0.2, gamma 0.8-1.25,
+    Rician noise 0.01-0.04, and one of no artifact, motion ghosting (0.05-0.2) or Gibbs ringing (0.1-0.35).
+    """
+    if num_sites < 1:
+        raise ValueError(f"sites must be at least 1, got {num_sites}")
+    fov = np.asarray(config.shape) * np.asarray(config.spacing_mm)
+    sites = []
+    for k in range(num_sites):
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, _SITE_STREAM, k]))
+        in_plane, through_plane = rng.uniform(0.8, 1.25), rng.uniform(0.75, 1.5)
+        wanted = np.asarray(config.spacing_mm) * [in_plane, in_plane, through_plane]
+        shape = np.maximum(np.round(fov / wanted).astype(int), 8)
+        spacing = fov / shape  # the exact field of view of the cohort
+        artifact = str(rng.choice(["none", "motion", "gibbs"]))
+        strength = {"none": 0.0, "motion": rng.uniform(0.05, 0.2), "gibbs": rng.uniform(0.1, 0.35)}[artifact]
+        sites.append(SiteAcquisition(
+            site=k,
+            shape=tuple(int(n) for n in shape),
+            spacing_mm=tuple(float(v) for v in spacing),
+            slice_thickness_mm=float(spacing[2] * rng.uniform(1.0, 1.3)),
+            bias_coefficients=tuple(float(c) for c in rng.normal(0.0, rng.uniform(0.05, 0.2), 9)),
+            gamma=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
+            rician_std=float(rng.uniform(0.01, 0.04)),
+            artifact=artifact,
+            artifact_strength=float(strength),
+        ))
+    return sites
+
+
+def site_of(seed: int, index: int, num_sites: int) -> int:
+    """The site of subject ``index``: uniform, from a stream of its own, independent of class and severity."""
+    return int(np.random.default_rng(np.random.SeedSequence([seed, index, _SITE_STREAM])).integers(num_sites))
 
 
 def draw_subject(config: CohortConfig, index: int, rng: np.random.Generator | None = None) -> Subject:
@@ -344,22 +408,58 @@ def render_layers(
     return weights, values
 
 
-def render_subject(config: CohortConfig, index: int) -> tuple[Subject, np.ndarray]:
-    """Render subject ``index``: its labels and a float32 volume of ``config.shape``."""
+#: sub-slices per mm of slab thickness when a site's slices integrate the anatomy (about the soft edge's width)
+_SLAB_SAMPLES_PER_MM = 1.0 / 1.5
+
+
+def render_subject(
+    config: CohortConfig, index: int, acquisition: SiteAcquisition | None = None
+) -> tuple[Subject, np.ndarray]:
+    """Render subject ``index``: its labels and a float32 volume (``config.shape``, or the site's grid).
+
+    With ``acquisition`` the subject is scanned by that site: on its grid, each slice the mean of the
+    anatomy over its slab (sub-slices across ``slice_thickness_mm``, sharing the subject's smooth
+    deformation), then the site's bias field, contrast, Rician noise and artifact.
+    """
     rng = _subject_rng(config.seed, index)
     subject = draw_subject(config, index, rng)
-    world = grid_world(config)
-    displaced = world + _smooth_random_field(
-        rng, config.shape, config.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm
-    )
+    grid = config if acquisition is None else replace(config, shape=acquisition.shape, spacing_mm=acquisition.spacing_mm)
+    world = grid_world(grid)
+    warp = _smooth_random_field(rng, grid.shape, grid.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
     linear = _rotation_matrix(subject.rotation_rad) @ np.diag(subject.scale)
-    template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
-    template = template.astype(np.float32)
-    weights, values = render_layers(config, template, subject.response, subject.severity, subject.ventricle_scale)
-    image = (weights * values).sum(axis=0)
-    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, size=config.shape)
-    image = image * (1.0 + shift) + rng.normal(0.0, config.noise_std, size=config.shape)
+
+    def render(displaced: np.ndarray) -> np.ndarray:
+        template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
+        weights, values = render_layers(grid, template.astype(np.float32), subject.response, subject.severity,
+                                        subject.ventricle_scale)
+        return (weights * values).sum(axis=0)
+
+    if acquisition is None:
+        image = render(world + warp)
+    else:
+        thickness = acquisition.slice_thickness_mm
+        n = max(1, int(np.ceil(thickness * _SLAB_SAMPLES_PER_MM)))
+        offsets = thickness * ((np.arange(n) + 0.5) / n - 0.5)
+        image = np.mean([render(world + warp + np.array([0.0, 0.0, dz]).reshape(3, 1, 1, 1)) for dz in offsets], axis=0)
+    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, size=grid.shape)
+    image = image * (1.0 + shift) + rng.normal(0.0, config.noise_std, size=grid.shape)
+    if acquisition is not None:
+        image = _acquire(image.astype(np.float32), acquisition, rng)
     return subject, image.astype(np.float32)
+
+
+def _acquire(image: np.ndarray, acquisition: SiteAcquisition, rng: np.random.Generator) -> np.ndarray:
+    """A site's intensity chain on a rendered volume: bias field, contrast, Rician noise, then its artifact."""
+    from monai_mtl import artifacts
+
+    image = image * artifacts.bias_field(image.shape, np.asarray(acquisition.bias_coefficients))
+    image = artifacts.gamma_contrast(image, acquisition.gamma)
+    image = artifacts.rician_noise(image, acquisition.rician_std, rng)
+    if acquisition.artifact == "motion":
+        image = artifacts.motion_ghosting(image, acquisition.artifact_strength)
+    elif acquisition.artifact == "gibbs":
+        image = artifacts.gibbs_ringing(image, acquisition.artifact_strength)
+    return image
 
 
 def render_atlas(config: CohortConfig) -> np.ndarray:
@@ -377,18 +477,24 @@ def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return image
 
 
-def _write_subject(args: tuple[CohortConfig, int, str]) -> dict:
-    config, index, root = args
-    subject, image = render_subject(config, index)
+def _write_subject(args: tuple[CohortConfig, int, str, tuple[SiteAcquisition, ...]]) -> dict:
+    config, index, root, sites = args
+    acquisition = sites[site_of(config.seed, index, len(sites))] if len(sites) > 1 else None
+    subject, image = render_subject(config, index, acquisition)
+    affine = config.affine if acquisition is None else replace(
+        config, shape=acquisition.shape, spacing_mm=acquisition.spacing_mm).affine
     relative = f"{IMAGES_DIR}/{subject.subject_id}.nii.gz"
-    nib.save(nifti_image(image, config.affine), os.path.join(root, relative))
-    return {
+    nib.save(nifti_image(image, affine), os.path.join(root, relative))
+    row = {
         "subject_id": subject.subject_id,
         "image": relative,
         "response": subject.response,
         "response_name": RESPONSE_NAMES[subject.response],
         "severity": subject.severity,
     }
+    if acquisition is not None:
+        row["site"] = acquisition.site
+    return row
 
 
 def _init_worker() -> None:
@@ -423,6 +529,7 @@ def generate_cohort(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    sites: int = 1,
 ) -> pd.DataFrame:
     """Write a synthetic cohort to ``output`` and return its labels table.
 
@@ -435,6 +542,8 @@ def generate_cohort(
         overwrite: replace an existing folder.
         workers: processes to render with (default: all CPU cores, at most 8).
         progress: show a progress bar.
+        sites: number of acquisition sites (:func:`draw_sites`); with more than one, ``labels.csv`` gets
+            a ``site`` column and ``cohort.json`` the sites' acquisitions. 1 is the paper's cohort.
 
     Example:
         >>> from monai_mtl.synthetic import CohortConfig, generate_cohort
@@ -442,6 +551,9 @@ def generate_cohort(
     """
     config = config or CohortConfig()
     config.validate()
+    acquisitions = tuple(draw_sites(config, sites)) if sites > 1 else ()
+    if sites < 1:
+        raise ValueError(f"sites must be at least 1, got {sites}")
     output = Path(output).absolute()
     _prepare_destination(output, overwrite)
     workers = max(1, min(workers or os.cpu_count() or 1, 8, config.num_samples))
@@ -449,7 +561,7 @@ def generate_cohort(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (staging / IMAGES_DIR).mkdir()
-        jobs = [(config, index, str(staging)) for index in range(config.num_samples)]
+        jobs = [(config, index, str(staging), acquisitions) for index in range(config.num_samples)]
         bar = tqdm(total=config.num_samples, desc="generating cohort", unit="vol", disable=not progress)
         if workers == 1:
             rows = []
@@ -465,7 +577,8 @@ def generate_cohort(
                     rows.append(row)
                     bar.update()
         bar.close()
-        labels = pd.DataFrame(rows, columns=["subject_id", "image", "response", "response_name", "severity"])
+        columns = ["subject_id", "image", "response", "response_name", "severity"] + (["site"] if acquisitions else [])
+        labels = pd.DataFrame(rows, columns=columns)
         labels.to_csv(staging / LABELS_CSV, index=False)
         nib.save(nifti_image(render_atlas(config), config.affine), staging / ATLAS_FILE)
         counts = labels["response_name"].value_counts()
@@ -478,6 +591,9 @@ def generate_cohort(
             "class_counts": {name: int(counts.get(name, 0)) for name in RESPONSE_NAMES},
             "atlas_labels": {str(k): v for k, v in ATLAS_LABELS.items()},
         }
+        if acquisitions:
+            metadata["sites"] = [asdict(a) for a in acquisitions]
+            metadata["site_counts"] = {str(k): int(v) for k, v in labels["site"].value_counts().sort_index().items()}
         (staging / COHORT_JSON).write_text(json.dumps(metadata, indent=2) + "\n")
         _swap_into_place(staging, output)
     except BaseException:

@@ -48,12 +48,21 @@ def test_missing_checkpoint_is_refused(train_cohort, run_copy):
     assert not (run_copy / "metrics.json").exists() and not (run_copy / "predictions.csv").exists()
 
 
-def test_checkpoint_of_another_architecture_is_refused(train_cohort, run_copy):
+def test_checkpoint_of_another_tool_is_refused(train_cohort, run_copy):
     torch.save(torch.nn.Linear(3, 2).state_dict(), run_copy / "model.pt")
     with pytest.raises(Exception) as err:
         _evaluate(train_cohort, run_copy)
-    assert "does not fit the network DualPathNet" in repr(err.value) + repr(err.value.__cause__)
+    assert "stores no preprocessing and network settings" in repr(err.value) + repr(err.value.__cause__)
     assert not (run_copy / "metrics.json").exists()
+
+
+def test_weights_of_another_architecture_name_the_differing_setting(trained_run, tmp_path):
+    from monai_mtl.checkpoints import CheckpointError
+    from monai_mtl.evaluation import load_weights
+    from monai_mtl.networks import DualPathNet
+
+    with pytest.raises(CheckpointError, match=r"does not fit the network DualPathNet: .*task_blocks: checkpoint 1, network 0"):
+        load_weights(DualPathNet(dropout=0.1, task_blocks=0), trained_run / "model.pt")
 
 
 def test_dataset_that_does_not_match_the_split_is_refused(tiny_cohort, run_copy):

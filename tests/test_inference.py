@@ -170,6 +170,7 @@ def test_torchscript_export_matches_checkpoint(trained_run, tmp_path):
     ckpt_export(
         net_id="network_def", filepath=str(target), ckpt_file=str(trained_run / "model.pt"),
         meta_file=META, config_file=INFER_CONFIG, bundle_root=str(BUNDLE_CONFIGS.parent),
+        ckpt_path=str(trained_run / "model.pt"),  # the network is built from the settings this checkpoint stores
     )
     exported = torch.jit.load(str(target))
     net = DualPathNet(dropout=0.1)
@@ -180,13 +181,14 @@ def test_torchscript_export_matches_checkpoint(trained_run, tmp_path):
         torch.testing.assert_close(exported(x), net(x), atol=1e-5, rtol=1e-5)
 
 
-def test_model_zoo_checks(train_cohort, tmp_path):
+def test_model_zoo_checks(trained_run, train_cohort, tmp_path):
     from monai.bundle import ConfigWorkflow, verify_net_in_out
 
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFER_CONFIG)
+    checkpoint = str(trained_run / "model.pt")
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFER_CONFIG, ckpt_path=checkpoint)
     workflow = ConfigWorkflow(
         config_file=INFER_CONFIG, workflow_type="infer", logging_file=False,
-        dataset_dir=str(train_cohort / "images"), output_dir=str(tmp_path),
+        dataset_dir=str(train_cohort / "images"), output_dir=str(tmp_path), ckpt_path=checkpoint,
     )
     workflow.initialize()
     assert workflow.check_properties() == []

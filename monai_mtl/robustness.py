@@ -1,0 +1,260 @@
+"""How far a trained model holds on scans from other scanners: an artifact sweep, other grids, leave-one-site-out.
+
+* **Artifact sweep** (:func:`artifact_sweep`): the run's own test part, each scan degraded by one
+  artifact of :data:`monai_mtl.artifacts.ARTIFACT_KINDS` at several strengths, in the scan's own
+  grid before the checkpoint's preprocessing, exactly as another scanner would hand it over.
+* **Other grids** (synthetic cohorts only): the same test subjects re-rendered by the generator on
+  other grids with the same field of view (``grid`` rows), the strongest test of a preprocessing
+  defined in physical space.
+* **Leave-one-site-out** (:func:`leave_site_out`): on a multi-site cohort, one training per site
+  with that site held out as the test part (child bundle runs, like ``cv``), beside the same
+  sites' figures in a within-site cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.config import KeysCollection
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.transforms import Compose, MapTransform, Spacing
+
+from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
+from monai_mtl.cohort import CohortError, read_labels, to_datalist
+from monai_mtl.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+#: strengths of the sweep per artifact kind (meaning: :data:`~monai_mtl.artifacts.ARTIFACT_KINDS`); the
+#: first row of each kind in the table is the clean scan
+DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
+    "resolution": (1.5, 2.0, 3.0),
+    "slice_thickness": (1.5, 2.0, 3.0),
+    "bias_field": (0.1, 0.2, 0.4),
+    "contrast": (0.7, 0.85, 1.2, 1.5),
+    "noise": (0.02, 0.05, 0.1),
+    "motion": (0.1, 0.2, 0.4),
+    "gibbs": (0.2, 0.4, 0.6),
+}
+#: grids for the ``grid`` rows: the test subjects re-rendered on them with the cohort's field of view
+DEFAULT_GRIDS: tuple[tuple[int, int, int], ...] = ((80, 72, 24), (48, 48, 12), (128, 128, 32))
+
+
+class ArtifactScand(MapTransform):
+    """Degrade a loaded, channel-first scan by one artifact at a fixed strength, in its own grid.
+
+    ``resolution`` resamples the scan to voxels ``strength`` times larger (MONAI ``Spacing``), which
+    the preprocessing then resamples to the model's grid, like a scan acquired at that resolution.
+    Random artifacts (bias field, noise) draw from a generator seeded by ``seed`` and the file name,
+    so a scan gets the same draw whatever the order or batch.
+
+    Args:
+        kind: one of :data:`~monai_mtl.artifacts.ARTIFACT_KINDS`.
+        strength: its strength.
+        seed: random seed of the draws.
+    """
+
+    def __init__(self, kind: str, strength: float, seed: int = 0, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"artifact kind must be one of {sorted(ARTIFACT_KINDS)}, got {kind!r}")
+        self.kind, self.strength, self.seed = kind, float(strength), int(seed)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if self.kind == "resolution":
+                pixdim = np.asarray(image.pixdim, dtype=float) * self.strength
+                d[key] = Spacing(pixdim=pixdim, mode="bilinear")(image)
+                continue
+            name = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
+            rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+            array = np.asarray(image.detach().cpu().numpy()[0], dtype=np.float32)
+            degraded = torch.as_tensor(apply_artifact(array, self.kind, self.strength, rng)[None], dtype=torch.float32)
+            d[key] = MetaTensor(degraded, meta=dict(image.meta)) if isinstance(image, MetaTensor) else degraded
+        return d
+
+
+class _CheckpointModel:
+    """A run's best checkpoint with its stored preprocessing, ready to predict datalists."""
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        from monai_mtl.checkpoints import checkpoint_settings
+        from monai_mtl.evaluation import load_weights
+        from monai_mtl.networks import build_network
+
+        settings = checkpoint_settings(checkpoint)
+        self.preprocessing = settings["preprocessing"]
+        self.network = build_network(settings["network"]).to(device)
+        load_weights(self.network, checkpoint, device)
+        self.device, self.batch_size = torch.device(device), batch_size
+
+    def predict(self, datalist: list[dict], acquisition: Sequence = ()) -> pd.DataFrame:
+        from monai_mtl.engines import MultiTaskEvaluator
+        from monai_mtl.evaluation import predict
+        from monai_mtl.transforms import ScaleSeverityd
+
+        transform = Compose([*self.preprocessing.transforms(acquisition=acquisition), ScaleSeverityd(keys="severity")])
+        loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
+        evaluator = MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
+        return predict(evaluator)
+
+
+def _metrics_row(table: pd.DataFrame, **columns) -> dict:
+    from monai_mtl.evaluation import report_from_predictions
+
+    report = report_from_predictions(table)
+    return {**columns, "n": report["n"], "accuracy": report["accuracy"], "severity_mae": report["severity_mae"]}
+
+
+def regrid_subjects(
+    dataset_dir: str | os.PathLike, subject_ids: Sequence[str], shape: Sequence[int], output_dir: str | os.PathLike
+) -> list[dict]:
+    """Re-render synthetic subjects on another grid with the cohort's field of view; their datalist records.
+
+    The generator's subject ``sub-00012`` is index 12 of the cohort in ``cohort.json``: its class,
+    severity and affine nuisance are the same; its smooth deformation and noise are drawn on the new grid.
+
+    Raises:
+        CohortError: the cohort was not made by the generator (no ``cohort.json``), or an id is not one of its.
+    """
+    from monai_mtl.synthetic import COHORT_JSON, config_from_dict, nifti_image, render_subject
+
+    dataset_dir = Path(dataset_dir)
+    meta_path = dataset_dir / COHORT_JSON
+    if not meta_path.is_file():
+        raise CohortError(f"{dataset_dir}: no {COHORT_JSON}; re-rendering on other grids needs a synthetic cohort")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("sites"):
+        raise CohortError(f"{dataset_dir} is a multi-site cohort: re-rendering on other grids needs a single-site one")
+    config = config_from_dict(meta["parameters"])
+    fov = np.asarray(config.shape) * np.asarray(config.spacing_mm)
+    grid = replace(config, shape=tuple(int(n) for n in shape), spacing_mm=tuple(float(v) for v in fov / np.asarray(shape)))
+    labels = read_labels(dataset_dir / "labels.csv").set_index("subject_id")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for sid in subject_ids:
+        try:
+            index = int(str(sid).removeprefix("sub-"))
+        except ValueError:
+            raise CohortError(f"{sid} is not a generator subject id (sub-<index>)") from None
+        subject, image = render_subject(grid, index)
+        if abs(subject.severity - float(labels.at[sid, "severity"])) > 1e-6:
+            raise CohortError(f"{sid}: re-rendered severity {subject.severity} differs from labels.csv; is cohort.json this cohort's?")
+        path = output_dir / f"{sid}.nii.gz"
+        nib.save(nifti_image(image, grid.affine), path)
+        records.append({"image": str(path), "response": subject.response, "severity": subject.severity, "subject_id": sid})
+    return records
+
+
+def artifact_sweep(
+    run_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    strengths: Mapping[str, Sequence[float]] | None = None,
+    grids: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> pd.DataFrame:
+    """Accuracy and severity MAE of a run's best checkpoint on its test part, clean and degraded.
+
+    Writes ``robustness.csv`` (``kind``, ``strength``, ``n``, ``accuracy``, ``severity_mae``; the
+    ``clean`` row first) and ``robustness.png`` into ``output_dir``. With a synthetic single-site
+    cohort, ``grids`` adds one ``grid`` row per grid (``strength`` like ``80x72x24``), the test
+    subjects re-rendered there.
+    """
+    from monai_mtl.checkpoints import check_no_leakage
+    from monai_mtl.figures import robustness_figure
+
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    split_file = run_dir / "split.json"
+    if not split_file.is_file():
+        raise CohortError(f"{run_dir}: no split.json (expected a training run's output folder)")
+    test_ids = json.loads(split_file.read_text())["test"]
+    checkpoint = run_dir / "model.pt"
+    check_no_leakage(checkpoint, test_ids)
+    model = _CheckpointModel(checkpoint, device)
+    datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), test_ids)
+    rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
+    logger.info("robustness: clean test part: accuracy %.4f, MAE %.2f", rows[0]["accuracy"], rows[0]["severity_mae"])
+    for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
+        for strength in values:
+            row = _metrics_row(model.predict(datalist, [ArtifactScand(kind, strength, seed)]), kind=kind, strength=f"{strength:g}")
+            logger.info("robustness: %s %g: accuracy %.4f, MAE %.2f", kind, strength, row["accuracy"], row["severity_mae"])
+            rows.append(row)
+    if grids and (Path(dataset_dir) / "cohort.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="regrid-") as tmp:
+            for shape in grids:
+                records = regrid_subjects(dataset_dir, test_ids, shape, Path(tmp) / "x".join(map(str, shape)))
+                row = _metrics_row(model.predict(records), kind="grid", strength="x".join(map(str, shape)))
+                logger.info("robustness: grid %s: accuracy %.4f, MAE %.2f", row["strength"], row["accuracy"], row["severity_mae"])
+                rows.append(row)
+    table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    robustness_figure(table, output_dir / "robustness.png")
+    atomic_write_text(output_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6g"))
+    logger.info("robustness table -> %s", output_dir / "robustness.csv")
+    return table
+
+
+def leave_site_out(
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config_files: Sequence[str],
+    overrides: Mapping[str, object] | None = None,
+    folds: int = 5,
+) -> pd.DataFrame:
+    """One training per site with that site as the test part, beside the within-site CV figures per site.
+
+    Runs ``site_<s>/`` (``held_out_site`` s) and a ``folds``-fold cross-validation in ``cv/`` (skipped
+    where finished), then writes ``leave_site_out.csv`` / ``.md``: per site, the held-out accuracy and
+    MAE, the same site's subjects' accuracy and MAE in the CV (trained with every site), and the ratio
+    of the MAEs.
+    """
+    from monai_mtl.crossval import cross_validate, fold_dir
+    from monai_mtl.runs import run_training
+
+    dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
+    labels = read_labels(dataset_dir / "labels.csv")
+    if "site" not in labels.columns or labels["site"].nunique() < 2:
+        raise CohortError(f"{dataset_dir / 'labels.csv'}: leave-one-site-out needs a 'site' column with at least two sites")
+    sites = sorted(labels["site"].astype(str).unique())
+    held_out = {}
+    for site in sites:
+        run = run_training(config_files, dataset_dir, output_dir / f"site_{site}", {**(overrides or {}), "held_out_site": site})
+        held_out[site] = pd.read_csv(run / "test_predictions.csv", dtype={"subject_id": str})
+    cross_validate(folds, dataset_dir, output_dir / "cv", config_files=config_files, overrides=overrides)
+    cv = pd.concat([pd.read_csv(fold_dir(output_dir / "cv", i) / "test_predictions.csv", dtype={"subject_id": str})
+                    for i in range(folds)])
+    site_of = labels.set_index("subject_id")["site"].astype(str)
+    rows = []
+    for site in sites:
+        within = cv[cv["subject_id"].map(site_of) == site]
+        out = _metrics_row(held_out[site], site=site)
+        inside = _metrics_row(within)
+        rows.append({
+            "site": site, "n": out["n"], "held_out_accuracy": out["accuracy"], "held_out_severity_mae": out["severity_mae"],
+            "within_site_cv_accuracy": inside["accuracy"], "within_site_cv_severity_mae": inside["severity_mae"],
+            "mae_ratio": out["severity_mae"] / max(inside["severity_mae"], 1e-9),
+        })
+    table = pd.DataFrame(rows)
+    atomic_write_text(output_dir / "leave_site_out.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(output_dir / "leave_site_out.md", table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    logger.info("leave-one-site-out -> %s\n%s", output_dir / "leave_site_out.md", table.to_string(index=False))
+    return table
+
+
+__all__ = ["DEFAULT_STRENGTHS", "DEFAULT_GRIDS", "ArtifactScand", "regrid_subjects", "artifact_sweep", "leave_site_out"]

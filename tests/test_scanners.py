@@ -1,0 +1,202 @@
+"""Scans from other scanners: physical-space preprocessing bound to the checkpoint, multi-site cohorts, robustness."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG, run_bundle
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from monai_mtl.__main__ import main
+from monai_mtl.checkpoints import CheckpointError, checkpoint_settings, read_run_metadata
+from monai_mtl.robustness import _CheckpointModel, regrid_subjects
+from monai_mtl.synthetic import CohortConfig, draw_sites, generate_cohort, render_subject
+from monai_mtl.transforms import Preprocessing, augmentation_transforms
+
+INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
+NATIVE = CohortConfig(num_samples=10, seed=1, noise_std=0.0, intensity_shift=0.0, warp_std_mm=0.0)
+
+
+def _on_grid(shape: tuple[int, int, int], index: int) -> MetaTensor:
+    """Subject ``index`` of NATIVE rendered noise-free on ``shape`` with NATIVE's field of view, channel-first."""
+    fov = np.asarray(NATIVE.shape) * np.asarray(NATIVE.spacing_mm)
+    grid = replace(NATIVE, shape=shape, spacing_mm=tuple(fov / np.asarray(shape)))
+    _, image = render_subject(grid, index)
+    return MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(grid.affine))
+
+
+@pytest.mark.parametrize("shape", [(80, 72, 24), (48, 48, 12), (128, 128, 32)])
+def test_the_same_phantom_on_another_grid_reaches_the_network_as_nearly_the_same_tensor(shape):
+    """Tolerance: mean |difference| below 0.07 z-units (measured 0.033 / 0.056 / 0.046); without resampling in mm
+    (the former ``Resized`` to a voxel count) the intensity scale moved enough to shift every severity by ~30."""
+    prep = Compose(Preprocessing().transforms()[2:])  # after LoadImaged and CheckImaged/EnsureTyped
+    for index in range(3):
+        native = prep({"image": _on_grid(NATIVE.shape, index)})["image"]
+        other = prep({"image": _on_grid(shape, index)})["image"]
+        assert other.shape == native.shape == (1, 64, 64, 16)
+        assert float((other - native).abs().mean()) < 0.07 * float(native.std())
+
+
+def test_checkpoint_stores_preprocessing_and_network(trained_run):
+    metadata = read_run_metadata(trained_run / "model.pt")
+    assert metadata["preprocessing"] == {"pixdim": [2.5, 3.0, 8.0], "spatial_size": [64, 64, 16], "axcodes": "RAS",
+                                         "intensity": "zscore_minmax"}
+    assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet" and metadata["network"]["task_blocks"] == 1
+    settings = checkpoint_settings(trained_run / "model.pt", spatial_size=[64, 64, 16], pixdim=None)  # equal: accepted
+    assert settings["preprocessing"] == Preprocessing()
+
+
+@pytest.fixture(scope="module")
+def run_48(train_cohort, tmp_path_factory):
+    """A one-epoch run trained on a 48 x 48 x 16 grid of 3 mm voxels (not the defaults)."""
+    output = tmp_path_factory.mktemp("runs") / "grid48"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(output), max_epochs=1,
+               batch_size=8, cache_workers=1, spatial_size=[48, 48, 16], pixdim=[3.0, 3.0, 8.0])
+    return output
+
+
+def test_inference_honours_a_checkpoint_trained_on_another_grid_without_any_flag(run_48, train_cohort, tmp_path):
+    out = tmp_path / "inference"
+    run_bundle("run", INFER_CONFIG, dataset_dir=str(train_cohort / "images"), output_dir=str(out),
+               ckpt_path=str(run_48 / "model.pt"))
+    predictions = pd.read_csv(out / "predictions.csv")
+    # the same checkpoint through its stored preprocessing, by hand: identical predictions
+    model = _CheckpointModel(run_48 / "model.pt")
+    assert model.preprocessing == Preprocessing(pixdim=(3.0, 3.0, 8.0), spatial_size=(48, 48, 16))
+    labels = pd.read_csv(train_cohort / "labels.csv")
+    records = [{"image": str(train_cohort / p), "response": r, "severity": s, "subject_id": i}
+               for p, r, s, i in zip(labels["image"], labels["response"], labels["severity"], labels["subject_id"])]
+    expected = model.predict(records)
+    np.testing.assert_allclose(predictions["pred_severity"], expected["pred_severity"], atol=1e-4)
+    assert (predictions["pred_response"].to_numpy() == expected["pred_response"].to_numpy()).all()
+
+
+def test_a_contradicting_override_is_refused_naming_both_values(run_48, train_cohort, tmp_path):
+    for key, value, stored in (("spatial_size", [64, 64, 16], "[48, 48, 16]"), ("pixdim", [2.5, 3.0, 8.0], "[3.0, 3.0, 8.0]")):
+        with pytest.raises(Exception) as err:
+            run_bundle("run", INFER_CONFIG, dataset_dir=str(train_cohort / "images"), output_dir=str(tmp_path / key),
+                       ckpt_path=str(run_48 / "model.pt"), **{key: value})
+        chain = repr(err.value) + repr(err.value.__cause__)
+        assert f"{key}={value} contradicts" in chain and f"trained with {key}={stored}" in chain, chain
+        assert not (tmp_path / key / "predictions.csv").exists()
+    with pytest.raises(CheckpointError, match="intensity=zscore contradicts"):
+        checkpoint_settings(run_48 / "model.pt", intensity="zscore")
+
+
+def test_evaluation_takes_the_preprocessing_from_the_checkpoint(run_48, train_cohort):
+    config = [TRAIN_CONFIG, str(BUNDLE_CONFIGS / "evaluate.json")]
+    run_bundle("evaluating", config, dataset_dir=str(train_cohort), output_dir=str(run_48))  # no spatial_size given
+    evaluated = json.loads((run_48 / "metrics.json").read_text())
+    at_training = json.loads((run_48 / "test_metrics.json").read_text())
+    assert evaluated["severity_mae"] == pytest.approx(at_training["severity_mae"], abs=1e-4)
+
+
+def test_sites_write_the_column_and_each_site_acquisition(tmp_path):
+    config = CohortConfig(num_samples=12, seed=4)
+    labels = generate_cohort(tmp_path / "sites", config, workers=1, progress=False, sites=3)
+    assert list(labels.columns)[-1] == "site" and set(labels["site"]) <= {0, 1, 2}
+    meta = json.loads((tmp_path / "sites" / "cohort.json").read_text())
+    assert [s["site"] for s in meta["sites"]] == [0, 1, 2]
+    assert sum(meta["site_counts"].values()) == 12
+    sites = draw_sites(config, 3)
+    assert [s.shape for s in sites] == [tuple(s["shape"]) for s in meta["sites"]]
+    fov = np.asarray(config.shape) * np.asarray(config.spacing_mm)
+    for row in labels.itertuples():
+        image = nib.load(tmp_path / "sites" / row.image)
+        site = sites[row.site]
+        assert image.shape == site.shape
+        np.testing.assert_allclose(image.header.get_zooms(), site.spacing_mm, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(image.shape) * image.header.get_zooms(), fov, rtol=1e-5)  # same field of view
+        assert site.slice_thickness_mm >= site.spacing_mm[2]
+    # the sites' acquisitions differ from each other, and from the single-site cohort's grid
+    assert len({s.shape for s in sites}) == 3 and all(s.shape != config.shape for s in sites)
+    assert draw_sites(config, 3) == sites  # drawn once per site from the seed
+    # site is independent of the subject's own draws: the classes and severities are the single-site cohort's
+    single = generate_cohort(tmp_path / "single", config, workers=1, progress=False)
+    assert labels[["response", "severity"]].equals(single[["response", "severity"]])
+    assert "site" not in single.columns
+
+
+def test_thick_slices_integrate_the_anatomy_over_the_slab():
+    config = CohortConfig(num_samples=2, seed=4, noise_std=0.0, intensity_shift=0.0)
+    site = replace(draw_sites(config, 2)[0], bias_coefficients=(0.0,) * 9, gamma=1.0, rician_std=0.0, artifact="none")
+    thin = replace(site, slice_thickness_mm=site.spacing_mm[2] / 100)
+    _, point_sampled = render_subject(config, 0, thin)
+    _, slab = render_subject(config, 0, site)
+    # a slab average is smoother along z than point sampling: smaller slice-to-slice differences
+    assert np.abs(np.diff(slab, axis=2)).mean() < np.abs(np.diff(point_sampled, axis=2)).mean()
+
+
+def test_held_out_site_is_the_test_part(tmp_path):
+    from monai_mtl.cohort import CohortError, stratified_split
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(90)], "response": rng.choice(3, 90),
+                          "site": rng.choice(3, 90)})
+    split = stratified_split(table, held_out_site=1)
+    assert set(split["test"]) == set(table.loc[table["site"] == 1, "subject_id"])
+    assert not (set(split["train"]) | set(split["validation"])) & set(split["test"])
+    with pytest.raises(CohortError, match="must be one of several sites"):
+        stratified_split(table, held_out_site=7)
+
+
+def test_robust_augmentation_preset_is_monai_transforms_and_trains(train_cohort, tmp_path):
+    names = [type(t).__name__ for t in augmentation_transforms("robust")]
+    assert names == ["RandBiasFieldd", "RandAdjustContrastd", "RandGibbsNoised", "RandRicianNoised",
+                     "RandGaussianSmoothd", "RandSimulateLowResolutiond", "RandAffined"]
+    assert augmentation_transforms("paper") == []
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        augmentation_transforms("heavy")
+    out = tmp_path / "robust"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(out), max_epochs=1,
+               batch_size=8, cache_workers=1, augmentation="robust", spatial_size=[48, 48, 16])
+    assert json.loads((out / "test_metrics.json").read_text())["n"] > 0
+
+
+def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohort, tmp_path):
+    out = tmp_path / "robustness"
+    assert main(["robustness", "--run", str(trained_run), "--dataset-dir", str(train_cohort), "--output-dir", str(out),
+                 "--kinds", "noise", "resolution", "slice_thickness", "--grids", "80x72x24"]) == 0
+    table = pd.read_csv(out / "robustness.csv", keep_default_na=False)
+    assert list(table.columns) == ["kind", "strength", "n", "accuracy", "severity_mae"]
+    assert table["kind"].tolist() == ["clean"] + ["noise"] * 3 + ["resolution"] * 3 + ["slice_thickness"] * 3 + ["grid"]
+    assert table["strength"].tolist()[-1] == "80x72x24"
+    n_test = len(json.loads((trained_run / "split.json").read_text())["test"])
+    assert (table["n"] == n_test).all() and table["severity_mae"].between(0, 100).all()
+    # the strongest noise moves the predictions away from the clean ones
+    assert table["severity_mae"].iloc[3] != table["severity_mae"].iloc[0]
+    assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_regridded_subjects_keep_labels_and_a_trained_model_agrees_across_grids(trained_run, train_cohort, tmp_path):
+    split = json.loads((trained_run / "split.json").read_text())
+    model = _CheckpointModel(trained_run / "model.pt")
+    native = model.predict(regrid_subjects(train_cohort, split["test"], (64, 64, 16), tmp_path / "native"))
+    finer = model.predict(regrid_subjects(train_cohort, split["test"], (80, 72, 24), tmp_path / "finer"))
+    assert native["true_severity"].tolist() == pytest.approx(finer["true_severity"].tolist())
+    # stated tolerance: each subject's predicted severity within 3 points across the two grids
+    assert (native["pred_severity"] - finer["pred_severity"]).abs().max() < 3.0
+
+
+def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path):
+    cohort = tmp_path / "two_sites"
+    generate_cohort(cohort, CohortConfig(num_samples=48, seed=9), workers=2, progress=False, sites=2)
+    out = tmp_path / "loso"
+    assert main(["robustness", "--leave-site-out", "--dataset-dir", str(cohort), "--output-dir", str(out),
+                 "--folds", "2", "--max-epochs", "1", "--override", "batch_size=8", "cache_workers=1",
+                 "spatial_size=[32,32,16]"]) == 0
+    table = pd.read_csv(out / "leave_site_out.csv")
+    labels = pd.read_csv(cohort / "labels.csv")
+    assert table["site"].tolist() == [0, 1]
+    assert table["n"].tolist() == labels["site"].value_counts().sort_index().tolist()
+    for site in (0, 1):
+        tested = json.loads((out / f"site_{site}" / "split.json").read_text())["test"]
+        assert set(tested) == set(labels.loc[labels["site"] == site, "subject_id"])
+    assert {"within_site_cv_accuracy", "within_site_cv_severity_mae", "mae_ratio"} <= set(table.columns)
