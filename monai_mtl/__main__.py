@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
+import os
 import sys
 from collections.abc import Sequence
 
 from monai_mtl import RESPONSE_NAMES
+from monai_mtl.errors import DEBUG_VARIABLE, MonaiMtlError, project_error
 
 logger = logging.getLogger("monai_mtl")
 
@@ -111,6 +112,8 @@ def _add_run_options(p: argparse.ArgumentParser, config_file: bool = True) -> No
     if config_file:
         p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides (KEY=VALUE)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again runs that finished with other settings (otherwise they are refused, naming the difference)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -133,6 +136,7 @@ def _run_cv(args: argparse.Namespace) -> int:
     cross_validate(
         args.folds, args.dataset_dir, args.output_dir, fold=args.fold,
         config_files=args.config_file or [DEFAULT_CONFIG], overrides=overrides, allow_overlap=args.allow_split_overlap,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -160,7 +164,8 @@ def _run_baseline(args: argparse.Namespace) -> int:
     from monai_mtl.baselines import run_baseline
 
     overrides = _overrides(args)
-    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}", overrides)
+    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}", overrides,
+                 args.overwrite)
     return 0
 
 
@@ -196,7 +201,8 @@ def _run_grid(args: argparse.Namespace) -> int:
         for i, point in enumerate(grid_points(grid)):
             print(i, point)
         return 0
-    run_grid(args.dataset_dir, args.output_dir, args.trial, grid, args.config_file or [DEFAULT_CONFIG], _overrides(args))
+    run_grid(args.dataset_dir, args.output_dir, args.trial, grid, args.config_file or [DEFAULT_CONFIG], _overrides(args),
+             args.overwrite)
     return 0
 
 
@@ -220,6 +226,8 @@ def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grids", nargs="*", default=None, metavar="XxYxZ",
                    help="grids to re-render the test subjects on (synthetic cohorts; default 80x72x24 48x48x12 128x128x32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts")
+    p.add_argument("--part", choices=("test", "validation"), default="test",
+                   help="split part to sweep: validation to compare candidate models, test for the chosen one")
     p.add_argument("--leave-site-out", action="store_true", help="one training per held-out site, and a within-site CV")
     p.add_argument("--folds", type=int, default=5, help="folds of the within-site cross-validation (--leave-site-out)")
     _add_run_options(p)
@@ -235,10 +243,12 @@ def _run_robustness(args: argparse.Namespace) -> int:
     if args.run is not None:
         strengths = {k: DEFAULT_STRENGTHS[k] for k in (args.kinds or DEFAULT_STRENGTHS)}
         grids = DEFAULT_GRIDS if args.grids is None else [_grid(g) for g in args.grids]
-        artifact_sweep(args.run, args.dataset_dir, args.output_dir or f"{args.run}/robustness", strengths, grids, args.seed)
+        default_dir = f"{args.run}/robustness" + ("" if args.part == "test" else f"_{args.part}")
+        artifact_sweep(args.run, args.dataset_dir, args.output_dir or default_dir, strengths, grids, args.seed,
+                       part=args.part)
     if args.leave_site_out:
         leave_site_out(args.dataset_dir, args.output_dir or "runs/leave_site_out", args.config_file or [DEFAULT_CONFIG],
-                       _overrides(args), args.folds)
+                       _overrides(args), args.folds, args.overwrite)
     return 0
 
 
@@ -302,9 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, OSError, subprocess.CalledProcessError) as err:
-        # bad arguments or paths: one clear line, no traceback
-        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    except (MonaiMtlError, ValueError, OSError) as err:
+        # bad input, settings or paths: one clear line as the last line of output, no traceback
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        parser.exit(2, f"{parser.prog} {args.command}: error: {project_error(err) or err}\n")
     return 1  # pragma: no cover
 
 

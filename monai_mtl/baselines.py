@@ -34,6 +34,7 @@ from monai_mtl import RESPONSE_NAMES
 from monai_mtl.cohort import CohortError, read_labels
 from monai_mtl.evaluation import report_from_predictions
 from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.run_folder import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _predictions_table(test: pd.DataFrame, pred_response: np.ndarray, probabilit
 
 def run_network_baseline(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
-    overrides: dict | None = None,
+    overrides: dict | None = None, overwrite: bool = False,
 ) -> dict:
     """Train and test network baseline ``kind`` with the bundle, on exactly the split of ``split_file``.
 
@@ -84,7 +85,7 @@ def run_network_baseline(
     reference = json.loads(Path(split_file).read_text())
     settings = reference.get("settings", {})
     config = str(CONFIG_DIR / "baselines" / NETWORK_CONFIGS[kind])
-    out = run_training([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})})
+    out = run_training([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})}, overwrite)
     produced = json.loads((out / "split.json").read_text())
     if any(produced[k] != reference[k] for k in ("train", "validation", "test")):
         raise CohortError(f"{out / 'split.json'} differs from {split_file}: the baseline did not use the same split")
@@ -96,18 +97,26 @@ def run_network_baseline(
 
 def run_baseline(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
-    overrides: dict | None = None,
+    overrides: dict | None = None, overwrite: bool = False,
 ) -> dict:
     """Fit baseline ``kind`` on the train + validation parts of ``split_file`` and test it on its test part.
 
-    ``overrides`` (bundle keys such as ``max_epochs``) apply to the network baselines only.
+    ``overrides`` (bundle keys such as ``max_epochs``) and ``overwrite`` apply to the network
+    baselines only (bundle runs, whose folder their run locks); the others lock ``output_dir`` here.
     """
     if kind not in KINDS:
         raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
     if not Path(split_file).is_file():
         raise CohortError(f"no split file {split_file}: train the reference run first, or pass --split")
     if kind in NETWORK_CONFIGS:
-        return run_network_baseline(kind, dataset_dir, split_file, output_dir, overrides)
+        return run_network_baseline(kind, dataset_dir, split_file, output_dir, overrides, overwrite)
+    with RunLock(output_dir):
+        return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir)
+
+
+def _fit_classical_baseline(
+    kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike
+) -> dict:
     table = read_labels(Path(dataset_dir) / "labels.csv").set_index("subject_id", drop=False)
     split = json.loads(Path(split_file).read_text())
     missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]

@@ -20,41 +20,27 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable, Transform
 
-from monai_mtl.cohort import SPLIT_KEYS, CohortError
+from monai_mtl.cohort import SPLIT_KEYS
+from monai_mtl.errors import CheckpointError, LeakageError
+from monai_mtl.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
 
-class LeakageError(CohortError):
-    """Subjects being tested were used to train or select the checkpoint."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as given: missing, unreadable, of another kind, or contradicted by a setting."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary sibling of ``path``, flushed to disk, then renamed over ``path``.
+    """``torch.save`` through :func:`monai_mtl.io.atomic_write`.
 
     Raises:
-        OSError: naming ``path``, when the folder is not writable or the write fails (disk full...);
-            ``path`` itself is then untouched.
+        OutputError: ``could not write <path>: <reason>``; ``path`` itself is then untouched.
     """
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(partial: Path) -> None:
         with open(partial, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        raise OSError(f"could not write {path}: {err.strerror or err}; the previous file, if any, is unchanged") from err
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return path
+
+    return atomic_write(path, write)
 
 
 def split_ids(datalists: Mapping[str, list[dict]]) -> dict[str, list[str]]:
@@ -266,8 +252,8 @@ class TrainingStateCheckpoint:
     random transform of the training data). When training starts and ``path`` exists, ``resume=True``
     restores all of it and continues with the next epoch ("resuming from epoch N"), so a killed run
     ends with the same metrics as an uninterrupted one (identical on CPU). A run that had already
-    finished is not trained further. ``resume=False`` deletes ``path`` and ``best_model_path`` and
-    starts fresh.
+    finished is not trained further. ``resume=False`` starts fresh (the run folder was already cleared
+    by :func:`monai_mtl.run_folder.fresh_start`, before the split and the cohort check).
 
     Args:
         path: training-state file (e.g. ``<output_dir>/training_state.pt``).
@@ -334,21 +320,14 @@ class TrainingStateCheckpoint:
             atomic_torch_save(self.state_dict(engine), self.path)
 
     def load(self, engine: Engine) -> None:
-        if not self.resume:
-            if self.save:
-                for stale in (self.path, self.best_model_path):
-                    if stale is not None and stale.exists():
-                        logger.info("fresh start (resume=False): removing %s", stale)
-                        stale.unlink()
-            return
-        if not self.path.is_file():
+        if not self.resume or not self.path.is_file():  # resume=False: run_folder.fresh_start cleared the folder
             return
         try:
             # the file holds NumPy RNG states and Python tuples besides tensors, hence weights_only=False;
             # it is only ever read from the run's own output folder
             state = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception as err:  # an atomic save cannot leave a torn file: this is another kind of damage
-            raise RuntimeError(f"cannot read the training state {self.path} ({err}); pass --resume False to start afresh") from err
+            raise CheckpointError(f"cannot read the training state {self.path} ({err}); pass --resume False to start afresh") from err
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -370,7 +349,7 @@ class TrainingStateCheckpoint:
         random.setstate(rng["python"])
         transforms = _random_transforms(engine.data_loader.dataset)
         if len(transforms) != len(rng["transforms"]):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{self.path} was written with {len(rng['transforms'])} random transforms, the config now has "
                 f"{len(transforms)}; pass --resume False to start afresh"
             )

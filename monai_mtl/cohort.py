@@ -19,16 +19,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl.errors import CohortError
 from monai_mtl.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("subject_id", "image", "response", "severity")
 SPLIT_KEYS = ("train", "validation", "test")
-
-
-class CohortError(ValueError):
-    """A cohort that cannot be used as given; the message names the file, row and column."""
 
 
 def _line(index: int) -> int:
@@ -96,7 +93,46 @@ def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
             f"{csv_path} line {_line(i)} (subject {table.at[i, 'subject_id']}): image file {table.at[i, 'image']} does not exist"
             + (f" ({int((~exists).sum())} missing in all)" if (~exists).sum() > 1 else "")
         )
+    same_file = table["image"].map(os.path.realpath)
+    shared = same_file.duplicated(keep=False)
+    if shared.any():
+        first = same_file[shared].iloc[0]
+        lines = [_line(i) for i in table.index[same_file == first]][:6]
+        raise CohortError(
+            f"{csv_path}: lines {lines} point at the same image file {first}: one scan would count as several "
+            f"subjects (and could land in training and test); keep one row per scan"
+            + (f" ({int(shared.sum())} rows share files in all)" if shared.sum() > len(lines) else "")
+        )
     return table
+
+
+def check_stored_size(path: str | os.PathLike, image: nib.spatialimages.SpatialImage | None = None) -> None:
+    """Refuse a NIfTI file that stores more voxel data than its header's dimensions describe.
+
+    nibabel reads just the voxels the header describes, so a header claiming 64 x 64 x 8 of a
+    64 x 64 x 16 volume silently gives its first half. The stored size is the file's size, or for
+    ``.gz`` the uncompressed size from the gzip trailer (modulo 2**32, as gzip records it).
+
+    Raises:
+        CohortError: naming the file, the header's shape and both sizes.
+    """
+    image = nib.load(path) if image is None else image
+    proxy, header = image.dataobj, image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    # the proxy's offset is where the data starts in the file (the header's vox_offset may read 0 once loaded)
+    expected = int(getattr(proxy, "offset", header.get_data_offset())) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    if str(path).endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(f.read(4), "little")
+        expected %= 2**32
+    else:
+        stored = os.path.getsize(path)
+    if stored > expected:
+        raise CohortError(
+            f"{path}: the header describes {'x'.join(map(str, shape))} voxels of {header.get_data_dtype()} ({expected} bytes "
+            f"with the header) but the file stores {stored}: its dimensions do not match its data"
+        )
 
 
 def check_volume(data: np.ndarray, path: str | os.PathLike) -> None:
@@ -129,6 +165,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, ...]:
         data = np.asanyarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files (ImageFileError, EOFError, OSError, ...)
         raise unreadable_error(path, err) from None
+    check_stored_size(path, image)
     shape = tuple(int(n) for n in data.shape)
     if len(shape) == 4 and shape[3] == 1:
         data = data[..., 0]

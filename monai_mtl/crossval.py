@@ -18,7 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from monai_mtl.checkpoints import check_no_leakage
+from monai_mtl.cohort import read_labels
+from monai_mtl.errors import CohortError
 from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.run_folder import RunLock
 from monai_mtl.runs import DEFAULT_CONFIG, run_training
 
 logger = logging.getLogger(__name__)
@@ -37,17 +40,53 @@ def run_fold(
     output_dir: str | os.PathLike,
     config_files: Sequence[str] = (DEFAULT_CONFIG,),
     overrides: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Train and test fold ``fold`` in a child process (skipped if it already finished); returns its folder."""
+    """Train and test fold ``fold`` in a child process (reused if it finished with the same settings); returns its folder."""
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
     logger.info("fold %d/%d", fold, num_folds)
     return run_training(
-        config_files, dataset_dir, fold_dir(output_dir, fold), {"num_folds": num_folds, "fold": fold, **(overrides or {})}
+        config_files, dataset_dir, fold_dir(output_dir, fold), {"num_folds": num_folds, "fold": fold, **(overrides or {})},
+        overwrite=overwrite,
     )
 
 
-def summarize(output_dir: str | os.PathLike, num_folds: int, allow_overlap: bool = False) -> dict:
+def check_partition(output_dir: str | os.PathLike, num_folds: int, dataset_dir: str | os.PathLike | None = None) -> None:
+    """Refuse fold folders whose test parts are not the ``num_folds``-fold partition of the cohort.
+
+    Each fold's ``split.json`` must say it is fold ``i`` of ``num_folds``; the test parts must be
+    disjoint and, with ``dataset_dir``, cover every subject of its ``labels.csv``.
+
+    Raises:
+        CohortError: naming the fold or the subjects that break the partition.
+    """
+    tests: list[set[str]] = []
+    for fold in range(num_folds):
+        split_file = fold_dir(output_dir, fold) / "split.json"
+        split = json.loads(split_file.read_text()) if split_file.is_file() else {}
+        settings = split.get("settings", {})
+        if (settings.get("num_folds"), settings.get("fold")) != (num_folds, fold):
+            raise CohortError(
+                f"{split_file} is fold {settings.get('fold')} of {settings.get('num_folds')}, not fold {fold} of {num_folds}: "
+                "the folds do not partition the cohort (rerun with --overwrite, or use another output folder)"
+            )
+        tests.append(set(split["test"]))
+    union = set().union(*tests)
+    if sum(map(len, tests)) != len(union):
+        raise CohortError(f"the test parts of the folds in {output_dir} overlap: they do not partition the cohort")
+    if dataset_dir is not None:
+        cohort = set(read_labels(Path(dataset_dir) / "labels.csv")["subject_id"])
+        if union != cohort:
+            raise CohortError(
+                f"the folds in {output_dir} test {len(union)} subjects, the cohort in {dataset_dir} has {len(cohort)} "
+                f"({len(cohort - union)} never tested, {len(union - cohort)} not in it): they do not partition it"
+            )
+
+
+def summarize(
+    output_dir: str | os.PathLike, num_folds: int, allow_overlap: bool = False, dataset_dir: str | os.PathLike | None = None
+) -> dict:
     """Collect the folds' ``test_metrics.json`` into ``cv_folds.csv``, ``cv_summary.json`` and ``cv_summary.md``.
 
     Each fold's tested subjects are checked against the split stored in its checkpoint, so a fold
@@ -56,8 +95,11 @@ def summarize(output_dir: str | os.PathLike, num_folds: int, allow_overlap: bool
     Raises:
         FileNotFoundError: a fold has not finished yet (its name is given).
         LeakageError: a fold tested subjects its checkpoint was trained or validated on.
+        CohortError: the folds do not partition the cohort (:func:`check_partition`, when their splits are there).
     """
     output_dir = Path(output_dir)
+    if all((fold_dir(output_dir, i) / "split.json").is_file() for i in range(num_folds)):
+        check_partition(output_dir, num_folds, dataset_dir)
     rows = []
     for fold in range(num_folds):
         path = fold_dir(output_dir, fold) / "test_metrics.json"
@@ -98,17 +140,22 @@ def cross_validate(
     config_files: Sequence[str] = (DEFAULT_CONFIG,),
     overrides: dict | None = None,
     allow_overlap: bool = False,
+    overwrite: bool = False,
 ) -> dict | None:
-    """Run every fold (or only ``fold``) and summarize once all folds have finished."""
+    """Run every fold (or only ``fold``) and summarize once all folds have finished.
+
+    The output folder is locked while this runs (each fold's own folder too, by its run).
+    """
     if num_folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
-    for i in [fold] if fold is not None else range(num_folds):
-        run_fold(i, num_folds, dataset_dir, output_dir, config_files, overrides)
-    done = [i for i in range(num_folds) if (fold_dir(output_dir, i) / "test_metrics.json").is_file()]
-    if len(done) < num_folds:
-        logger.info("folds finished: %s of %d; the summary is written once all have finished", done, num_folds)
-        return None
-    return summarize(output_dir, num_folds, allow_overlap)
+    with RunLock(output_dir):
+        for i in [fold] if fold is not None else range(num_folds):
+            run_fold(i, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)
+        done = [i for i in range(num_folds) if (fold_dir(output_dir, i) / "test_metrics.json").is_file()]
+        if len(done) < num_folds:
+            logger.info("folds finished: %s of %d; the summary is written once all have finished", done, num_folds)
+            return None
+        return summarize(output_dir, num_folds, allow_overlap, dataset_dir)
 
 
-__all__ = ["run_fold", "summarize", "cross_validate", "fold_dir"]
+__all__ = ["run_fold", "check_partition", "summarize", "cross_validate", "fold_dir"]

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.utils import CommonKeys
+
+from monai_mtl.errors import ConfigError
+
+#: test-only: the training process kills itself with SIGKILL when this global iteration completes, so a
+#: kill-and-resume test interrupts a run at a deterministic point instead of racing the clock
+KILL_AT_ITERATION = "MONAI_MTL_TEST_KILL_AT_ITERATION"
 
 
 class MultiTaskPrepareBatch(PrepareBatch):
@@ -87,6 +96,20 @@ class MultiTaskTrainer(SupervisedTrainer):
     def __init__(self, *args: Any, prepare_batch: Any = None, decollate: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, prepare_batch=prepare_batch or MultiTaskPrepareBatch(), decollate=decollate, **kwargs)
         self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._record_loss_components)
+        kill_at = os.environ.get(KILL_AT_ITERATION)
+        if kill_at:
+            self.add_event_handler(Events.ITERATION_COMPLETED(once=int(kill_at)), lambda _: os.kill(os.getpid(), signal.SIGKILL))
+
+    def run(self) -> None:
+        """``SupervisedTrainer.run``, refusing a loader with no batch (MONAI would skip the run with a warning)."""
+        loader = self.data_loader
+        if loader is not None and len(loader) == 0:
+            size = len(getattr(loader, "dataset", []))
+            raise ConfigError(
+                f"batch_size {loader.batch_size} is larger than the training part ({size} subjects; incomplete batches "
+                "are dropped): no training step would run. Lower batch_size"
+            )
+        super().run()
 
     @staticmethod
     def _record_loss_components(engine: SupervisedTrainer) -> None:

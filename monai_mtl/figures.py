@@ -18,13 +18,12 @@ from monai_mtl import RESPONSE_NAMES  # noqa: E402
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save ``fig`` as PNG atomically (temp name, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(partial, path)
-    return path
+    from monai_mtl.io import atomic_write
+
+    try:
+        return atomic_write(path, lambda partial: fig.savefig(partial, dpi=dpi, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _axial(volume: np.ndarray, k: int) -> np.ndarray:

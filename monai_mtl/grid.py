@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from monai_mtl.io import atomic_write_text
+from monai_mtl.run_folder import RunLock
 from monai_mtl.runs import DEFAULT_CONFIG, run_training
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,12 @@ def run_grid(
     grid: Mapping[str, Sequence[float]] = PAPER_GRID,
     config_files: Sequence[str] = (DEFAULT_CONFIG,),
     overrides: Mapping[str, object] | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run the given trials (default: all) of ``grid``, then rank every finished trial.
+
+    A finished trial is reused only when its stored settings equal the requested ones (see
+    :func:`~monai_mtl.runs.run_training`); the output folder is locked while this runs.
 
     Raises:
         ValueError: a trial index outside the grid.
@@ -102,10 +107,12 @@ def run_grid(
     bad = [i for i in selected if not 0 <= i < len(points)]
     if bad:
         raise ValueError(f"trial index {bad} is out of range: the grid has {len(points)} trials (0 to {len(points) - 1})")
-    for i in selected:
-        logger.info("grid trial %d/%d: %s", i, len(points), points[i])
-        run_training(config_files, dataset_dir, trial_dir(output_dir, i, points[i]), {**(overrides or {}), **points[i]})
-    return collect(output_dir, points)
+    with RunLock(output_dir):
+        for i in selected:
+            logger.info("grid trial %d/%d: %s", i, len(points), points[i])
+            run_training(config_files, dataset_dir, trial_dir(output_dir, i, points[i]), {**(overrides or {}), **points[i]},
+                         overwrite=overwrite)
+        return collect(output_dir, points)
 
 
 __all__ = ["PAPER_GRID", "grid_points", "trial_dir", "trial_validation", "collect", "run_grid"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
 from monai_mtl.cohort import CohortError, unreadable_error
-from monai_mtl.io import atomic_write_text
+from monai_mtl.io import atomic_write, atomic_write_text
 from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
 from monai_mtl.synthetic import ATLAS_LABELS, nifti_image
 
@@ -40,35 +40,84 @@ PREDICTION_COLUMNS = (
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def find_inputs(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[str]:
-    """Input scans: every NIfTI file in a folder (sorted), or the ``image`` column of a CSV.
+def _record(index: int, path: str) -> dict:
+    """A datalist record for input ``index``; with ``error`` when the path cannot be a readable file at all."""
+    record = {"image": path, "input_index": index}
+    target = Path(path)
+    if target.is_dir():
+        record["error"] = f"{path}: is a folder, not a NIfTI file"
+    elif not target.exists():
+        record["error"] = f"{path}: does not exist" + (" (a broken symbolic link)" if target.is_symlink() else "")
+    return record
+
+
+def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[dict]:
+    """One record per input, in order: every NIfTI-named entry of a folder (sorted), or every row of a CSV.
+
+    Nothing is dropped: a blank ``image`` cell, a missing file, a broken link or a folder named like
+    a NIfTI file (``.nii``, ``.nii.gz``, any case) gets a record with ``error`` set, which becomes its
+    row of ``predictions.csv``. Each record carries ``input_index``, its position among the inputs.
 
     Raises:
-        CohortError: nothing there, a folder without NIfTI files, or a CSV without the image column.
+        CohortError: nothing there, a folder without NIfTI-named entries, or a CSV without the image column or rows.
     """
     source = Path(dataset_dir)
     if source.is_file() and source.suffix.lower() == ".csv":
-        table = pd.read_csv(source, dtype=str)
+        table = pd.read_csv(source, dtype=str, keep_default_na=False)
         if image_column not in table.columns:
             raise CohortError(f"{source}: no '{image_column}' column (columns: {list(table.columns)})")
-        paths = [p if Path(p).is_absolute() else str(source.parent / p) for p in table[image_column].dropna()]
-        if not paths:
+        if table.empty:
             raise CohortError(f"{source}: the '{image_column}' column is empty")
-        return paths
+        records = []
+        for i, cell in enumerate(table[image_column].str.strip()):
+            if not cell:
+                records.append({"image": "", "input_index": i, "error": f"{source} line {i + 2}: empty '{image_column}' cell"})
+            else:
+                records.append(_record(i, cell if Path(cell).is_absolute() else str(source.parent / cell)))
+        return records
     if source.is_dir():
-        paths = sorted(str(p) for p in source.iterdir() if p.is_file() and _is_nifti(p))
-        if not paths:
+        entries = sorted(str(p) for p in source.iterdir() if _is_nifti(p))
+        if not entries:
             raise CohortError(f"{source}: no NIfTI files (*.nii, *.nii.gz) in this folder")
-        return paths
+        return [_record(i, path) for i, path in enumerate(entries)]
     raise CohortError(f"{source}: not a folder of NIfTI files nor a CSV file")
 
 
-def input_datalist(dataset_dir: str | os.PathLike) -> list[dict]:
-    """``[{"image": path}, ...]`` for every input of :func:`find_inputs`, in its order."""
-    return [{"image": path} for path in find_inputs(dataset_dir)]
+def find_inputs(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[str]:
+    """The input paths of :func:`input_datalist` (``""`` for a blank CSV cell)."""
+    return [record["image"] for record in input_datalist(dataset_dir, image_column)]
+
+
+def unique_stems(paths: Sequence[str]) -> dict[str, str]:
+    """A file-name stem per input path for its saliency files, distinct for every path.
+
+    Inputs with distinct file names keep their stem (``scan.nii.gz`` -> ``scan``); inputs that share
+    one (``a/scan.nii.gz``, ``b/scan.nii.gz``) get their folders' names in front (``a_scan``, ``b_scan``)
+    until they differ, so no input's maps overwrite another's.
+    """
+    paths = list(dict.fromkeys(p for p in paths if p))
+    stems: dict[str, str] = {}
+    by_stem: dict[str, list[str]] = {}
+    for path in paths:
+        by_stem.setdefault(_stem(path), []).append(path)
+    for stem, group in by_stem.items():
+        if len(group) == 1:
+            stems[group[0]] = stem
+            continue
+        parts = [Path(p).parent.parts for p in group]
+        depth = 1
+        while depth <= max(map(len, parts)):
+            names = ["_".join((*part[-depth:], stem)) for part in parts]
+            if len(set(names)) == len(names):
+                break
+            depth += 1
+        else:
+            names = [f"{stem}_{i}" for i in range(len(group))]
+        stems.update(zip(group, names))
+    return stems
 
 
 def _input_error(path: str, err: BaseException) -> str:
@@ -93,13 +142,17 @@ class TolerantDataset(Dataset):
     """
 
     def _transform(self, index: int) -> dict:
+        record = self.data[index]
+        if "error" in record:  # known before reading (blank cell, missing file, folder)
+            logger.warning("skipping %s", record["error"])
+            return dict(record)
         try:
             return super()._transform(index)
         except Exception as err:  # any reader or transform failure is this file's error, not the run's
-            path = str(self.data[index]["image"])
+            path = str(record["image"])
             message = _input_error(path, err)
             logger.warning("skipping %s", message)
-            return {"image": path, "error": message}
+            return {"image": path, "input_index": record.get("input_index"), "error": message}
 
 
 class UsableCollate:
@@ -114,7 +167,8 @@ class UsableCollate:
 
     def __call__(self, items: list[dict]) -> dict:
         usable = [item for item in items if "error" not in item]
-        errors = [{"image": item["image"], "error": item["error"]} for item in items if "error" in item]
+        errors = [{"image": item["image"], "input_index": item.get("input_index"), "error": item["error"]}
+                  for item in items if "error" in item]
         if usable:
             batch = list_data_collate(usable)
         else:
@@ -227,7 +281,7 @@ class PredictionWriter:
             raise ValueError(f"saliency method must be one of {SALIENCY_METHODS}, got {method!r}")
         self.method, self.saliency_samples = method, saliency_samples
         self.output_dir = Path(output_dir)
-        self.order = {str(item["image"]): i for i, item in enumerate(inputs or [])}
+        self.stems = unique_stems([str(item["image"]) for item in inputs or []])
         self.error_rows: list[dict] = []
         self.saliency, self.target_layer, self.saliency_png = saliency, target_layer, saliency_png
         self.atlas_path = Path(atlas) if atlas and Path(atlas).is_file() else None
@@ -247,12 +301,14 @@ class PredictionWriter:
         if image.shape[0] == 0:
             return
         paths = list(image.meta["filename_or_obj"])
+        indices = batch.get("input_index")
+        indices = [int(i) for i in indices] if indices is not None else [None] * len(paths)
         pred = engine.state.output["pred"]
         pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
         logits, severity = split_output(pred.detach().float().cpu())
         probabilities = torch.softmax(logits, dim=1)
         for i, path in enumerate(paths):
-            row = {"image": path, "pred_response": int(probabilities[i].argmax())}
+            row = {"image": path, "input_index": indices[i], "pred_response": int(probabilities[i].argmax())}
             row["pred_response_name"] = RESPONSE_NAMES[row["pred_response"]]
             row.update({f"prob_{n}": float(probabilities[i, k]) for k, n in enumerate(RESPONSE_NAMES)})
             row.update(pred_severity=float(severity[i]) * SEVERITY_SCALE, error="")
@@ -292,13 +348,16 @@ class PredictionWriter:
                 resampled = resample(on_model_grid, dst_affine=dst_affine, spatial_size=source.shape[:3])
                 data = np.asarray(resampled[0].detach().cpu().numpy(), dtype=np.float32)
                 in_space[head] = data
-                _save_nifti_atomic(nifti_image(data, source.affine), folder / f"{_stem(path)}_{head}.nii.gz")
+                _save_nifti_atomic(nifti_image(data, source.affine), folder / f"{self._stem(path)}_{head}.nii.gz")
             self._region_means(path, source, in_space)
             if self._pngs_written < self.saliency_png:
                 from monai_mtl.figures import saliency_overlay
 
                 self._pngs_written += 1
-                saliency_overlay(np.asanyarray(source.dataobj), in_space, folder / f"{_stem(path)}_saliency.png")
+                saliency_overlay(np.asanyarray(source.dataobj), in_space, folder / f"{self._stem(path)}_saliency.png")
+
+    def _stem(self, path: str) -> str:
+        return self.stems.get(path) or _stem(path)
 
     def _region_means(self, path: str, source: nib.Nifti1Image, maps: dict[str, np.ndarray]) -> None:
         if self.atlas_path is None:
@@ -317,7 +376,9 @@ class PredictionWriter:
             total = len(self.error_rows)
             first = self.error_rows[0]["error"] if self.error_rows else "no input"
             raise CohortError(f"none of the {total} input file(s) is usable; first error: {first}")
-        rows = sorted(self.rows + self.error_rows, key=lambda row: self.order.get(str(row["image"]), len(self.order)))
+        last = len(self.rows) + len(self.error_rows)
+        rows = sorted(self.rows + self.error_rows,
+                      key=lambda row: row["input_index"] if row.get("input_index") is not None else last)
         table = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
         table["error"] = table["error"].fillna("")
         atomic_write_text(self.output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
@@ -328,9 +389,7 @@ class PredictionWriter:
 
 
 def _save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial.nii.gz")
-    nib.save(image, partial)
-    os.replace(partial, path)
+    atomic_write(path, lambda partial: nib.save(image, partial))
 
 
 def find_atlas(dataset_dir: str | os.PathLike) -> str | None:

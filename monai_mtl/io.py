@@ -4,25 +4,46 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from monai_mtl.errors import OutputError
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary sibling of ``path``, flush it to disk, then rename it over ``path``."""
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """The one way this package writes a file: ``write(temporary sibling)``, flushed to disk, renamed over ``path``.
+
+    The sibling is ``.<name>.partial-<pid><suffixes>``: it keeps ``path``'s suffixes, so writers that
+    choose the format by the name (nibabel's ``.nii.gz``) write the right one. Whatever fails, the
+    sibling is removed and ``path`` keeps its previous content.
+
+    Raises:
+        OutputError: ``could not write <path>: <reason>`` (a folder that cannot be created, a full disk,
+            a file-size limit; torch's zip writer reports those as ``RuntimeError``).
+
+    Example:
+        >>> atomic_write("out/notes.txt", lambda p: p.write_text("done"))  # doctest: +SKIP
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}{''.join(path.suffixes)}")
     try:
-        with open(partial, "w") as f:
-            f.write(text)
-            f.flush()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
+    except (OSError, RuntimeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else (str(err).splitlines() or [type(err).__name__])[0]
+        raise OutputError(f"could not write {path}: {reason}; the previous file, if any, is unchanged") from err
     finally:
-        if partial.exists():
-            partial.unlink()
+        partial.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of ``text``."""
+    return atomic_write(path, lambda partial: partial.write_text(text))
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -43,5 +64,5 @@ def ensure_writable_dir(path: str | os.PathLike, name: str = "output_dir") -> Pa
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise OSError(f"{name} {path} is not writable: {err.strerror or err}") from err
+        raise OutputError(f"{name} {path} is not writable: {err.strerror or err}") from err
     return path

@@ -33,6 +33,7 @@ from monai.transforms import Compose, MapTransform, Spacing
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_labels, to_datalist
 from monai_mtl.io import atomic_write_text
+from monai_mtl.run_folder import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,12 @@ def artifact_sweep(
     grids: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    part: str = "test",
 ) -> pd.DataFrame:
     """Accuracy and severity MAE of a run's best checkpoint on its test part, clean and degraded.
+
+    ``part="validation"`` sweeps the validation part instead: the part to compare candidate models
+    (an augmentation preset, a normalisation) on, so the test part is read once, for the chosen one.
 
     Writes ``robustness.csv`` (``kind``, ``strength``, ``n``, ``accuracy``, ``severity_mae``; the
     ``clean`` row first) and ``robustness.png`` into ``output_dir``. With a synthetic single-site
@@ -183,13 +188,17 @@ def artifact_sweep(
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise CohortError(f"{run_dir}: no split.json (expected a training run's output folder)")
-    test_ids = json.loads(split_file.read_text())["test"]
+    if part not in ("test", "validation"):
+        raise ValueError(f"part must be 'test' or 'validation', got {part!r}")
+    test_ids = json.loads(split_file.read_text())[part]
     checkpoint = run_dir / "model.pt"
-    check_no_leakage(checkpoint, test_ids)
+    if part == "test":
+        check_no_leakage(checkpoint, test_ids)
+    lock = RunLock(output_dir).acquire()
     model = _CheckpointModel(checkpoint, device)
     datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), test_ids)
     rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
-    logger.info("robustness: clean test part: accuracy %.4f, MAE %.2f", rows[0]["accuracy"], rows[0]["severity_mae"])
+    logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])
     for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
         for strength in values:
             row = _metrics_row(model.predict(datalist, [ArtifactScand(kind, strength, seed)]), kind=kind, strength=f"{strength:g}")
@@ -206,6 +215,7 @@ def artifact_sweep(
     output_dir.mkdir(parents=True, exist_ok=True)
     robustness_figure(table, output_dir / "robustness.png")
     atomic_write_text(output_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6g"))
+    lock.release()
     logger.info("robustness table -> %s", output_dir / "robustness.csv")
     return table
 
@@ -216,6 +226,7 @@ def leave_site_out(
     config_files: Sequence[str],
     overrides: Mapping[str, object] | None = None,
     folds: int = 5,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """One training per site with that site as the test part, beside the within-site CV figures per site.
 
@@ -233,10 +244,12 @@ def leave_site_out(
         raise CohortError(f"{dataset_dir / 'labels.csv'}: leave-one-site-out needs a 'site' column with at least two sites")
     sites = sorted(labels["site"].astype(str).unique())
     held_out = {}
-    for site in sites:
-        run = run_training(config_files, dataset_dir, output_dir / f"site_{site}", {**(overrides or {}), "held_out_site": site})
-        held_out[site] = pd.read_csv(run / "test_predictions.csv", dtype={"subject_id": str})
-    cross_validate(folds, dataset_dir, output_dir / "cv", config_files=config_files, overrides=overrides)
+    with RunLock(output_dir):
+        for site in sites:
+            run = run_training(config_files, dataset_dir, output_dir / f"site_{site}",
+                               {**(overrides or {}), "held_out_site": site}, overwrite)
+            held_out[site] = pd.read_csv(run / "test_predictions.csv", dtype={"subject_id": str})
+    cross_validate(folds, dataset_dir, output_dir / "cv", config_files=config_files, overrides=overrides, overwrite=overwrite)
     cv = pd.concat([pd.read_csv(fold_dir(output_dir / "cv", i) / "test_predictions.csv", dtype={"subject_id": str})
                     for i in range(folds)])
     site_of = labels.set_index("subject_id")["site"].astype(str)

@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 
 from monai_mtl import SEVERITY_SCALE
-from monai_mtl.cohort import check_volume, not_3d_error
+from monai_mtl.cohort import check_stored_size, check_volume, not_3d_error
 
 #: ``zscore_minmax``: the paper's z-score per volume, then min-max to [0, 1]; ``zscore``: z-score only.
 INTENSITY_NORMALIZATIONS = ("zscore_minmax", "zscore")
@@ -137,6 +137,7 @@ def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image
     ``robust`` draws, each with its own probability, what differs between scanners and sites: a smooth
     multiplicative bias field, a contrast (gamma) change, Gibbs ringing, Rician noise, a blur or a
     simulated lower resolution, and a small affine (rotation 3 degrees, scale 3%, shift 2 voxels).
+    They run in the data loader on every epoch (about 5 ms a volume on one CPU core; see ``benchmarks/run.py``).
     ``paper`` adds nothing here: its noise and intensity shift are drawn on the batch.
 
     Example:
@@ -161,12 +162,13 @@ def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image
         RandBiasFieldd(keys=keys, degree=3, coeff_range=(0.0, 0.1), prob=0.3),
         RandAdjustContrastd(keys=keys, gamma=(0.8, 1.25), prob=0.3),
         RandGibbsNoised(keys=keys, alpha=(0.0, 0.4), prob=0.2),
-        RandRicianNoised(keys=keys, std=0.03, relative=False, sample_std=True, prob=0.2),
+        # relative to the scan's intensity std, so it means the same in any scanner's units
+        RandRicianNoised(keys=keys, std=0.1, relative=True, sample_std=True, prob=0.2),
         RandGaussianSmoothd(keys=keys, sigma_x=(0.25, 0.8), sigma_y=(0.25, 0.8), sigma_z=(0.1, 0.4), prob=0.2),
         RandSimulateLowResolutiond(keys=keys, zoom_range=(0.5, 0.9), prob=0.2),
         RandAffined(
             keys=keys, rotate_range=(np.pi / 60,) * 3, scale_range=(0.03,) * 3, translate_range=(2, 2, 1),
-            mode="bilinear", padding_mode="zeros", prob=0.3,
+            mode="bilinear", padding_mode="zeros", prob=0.15,  # the costliest (about 10 ms a volume on a CPU core)
         ),
     ]
 
@@ -215,6 +217,8 @@ class CheckImaged(MapTransform):
                 raise not_3d_error(path, shape)
             array = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             check_volume(np.asarray(array.detach().cpu()), path)
+            if isinstance(path, str) and path.endswith((".nii", ".nii.gz")):
+                check_stored_size(path)
         return data
 
 

@@ -150,7 +150,8 @@ def test_nothing_usable_is_a_clear_error_and_writes_nothing(trained_run, tmp_pat
         run_bundle("run", INFER_CONFIG, dataset_dir=str(bad), output_dir=str(tmp_path / "o2"), ckpt_path=str(trained_run / "model.pt"))
     chain = repr(err.value) + repr(err.value.__cause__)
     assert "none of the 1 input file(s) is usable" in chain
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # the output folder is checked (made) before any input is read, and holds nothing
+    assert not list((tmp_path / "o1").iterdir()) and not list((tmp_path / "o2").iterdir())
 
 
 def test_find_inputs_errors(tmp_path):

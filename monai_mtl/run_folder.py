@@ -1,0 +1,337 @@
+"""A run's output folder: one run at a time, settings remembered and checked, misspelt keys and fresh starts made explicit.
+
+A training run (and ``cv`` / ``grid`` / ``baseline`` / ``robustness`` parents) holds a lock file in
+its folder while it lives. A training run stores the settings that define it in
+``run_settings.json``: the bundle config as resolved from its files and overrides, without the
+:data:`LOGISTICS` keys, and a fingerprint of the cohort (``labels.csv`` and every image's size and
+first and last bytes). Resuming with other settings, another cohort, or a folder of an older
+version is refused, naming each difference and the way out (``--resume False``).
+
+MONAI gives the expressions of a bundle config no handle on the parser that evaluates them, so
+:func:`current_bundle` finds the running ``ConfigWorkflow`` (and, when started through
+``monai.bundle.run``, the config files and overrides given to ``create_workflow``) on the call stack.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import difflib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_mtl.errors import ConfigError, RunLockError
+from monai_mtl.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".monai_mtl.lock"
+SETTINGS_FILE = "run_settings.json"
+#: what a training run writes into its folder; ``--resume False`` removes exactly these (nothing else)
+RUN_OUTPUTS = (
+    "model.pt", "training_state.pt", "split.json", SETTINGS_FILE, "test_metrics.json", "test_predictions.csv",
+    "metrics.json", "predictions.csv", "confusion_matrix.png", "severity_scatter.png", "severity_error_histogram.png",
+    "training_curves.png", "tensorboard",
+)
+#: config keys that say where and how fast a run works, not what it learns: they may change on resume
+LOGISTICS = frozenset({
+    "bundle_root", "dataset_dir", "synthetic_dir", "output_dir", "ckpt_path", "device", "num_workers", "cache_workers",
+    "validate_images", "resume", "allow_split_overlap", "max_epochs", "imports", "initialize", "finalize", "run",
+    "training", "evaluating", "_meta_",
+})
+#: keyword arguments of ``monai.bundle.run`` / ``create_workflow`` that are not config overrides
+_RUN_ARGUMENTS = frozenset({
+    "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+    "workflow_type", "workflow_name", "properties_path",
+})
+
+
+# --- the running bundle --------------------------------------------------------------------------------
+
+def current_bundle() -> tuple[Any, Sequence[str] | None, dict | None]:
+    """``(ConfigWorkflow, config files, overrides)`` of the bundle run evaluating the caller.
+
+    The files and overrides are ``None`` when the workflow was not made by ``monai.bundle``'s
+    ``create_workflow`` (e.g. a ``ConfigWorkflow`` built by hand).
+
+    Raises:
+        ConfigError: not called from a bundle config.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    workflow, files, overrides = None, None, None
+    for frame_info in inspect.stack(context=0):
+        local = frame_info.frame.f_locals
+        if workflow is None and isinstance(local.get("self"), ConfigWorkflow):
+            workflow = local["self"]
+        if frame_info.function == "create_workflow" and "_args" in local:
+            files = local.get("config_file")
+            overrides = {k: v for k, v in local["_args"].items() if k not in _RUN_ARGUMENTS}
+            break
+    if workflow is None:
+        raise ConfigError("not inside a MONAI bundle run (python -m monai.bundle run ...)")
+    if isinstance(files, (str, os.PathLike)):
+        files = [str(files)]
+    return workflow, files, overrides
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a#b#0": value}`` for every leaf of a nested config (MONAI's ``#`` id separator)."""
+    if isinstance(config, Mapping):
+        items = config.items()
+    elif isinstance(config, list) and any(isinstance(v, (Mapping, list)) for v in config):
+        items = enumerate(config)
+    else:
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}#{key}" if prefix else str(key)))
+    return flat
+
+
+def check_overrides() -> None:
+    """Refuse an override naming a key that none of the bundle's config files has, with the nearest known key.
+
+    MONAI adds any ``--key value`` to the config, so ``--max_epoch 2`` would be echoed and ignored.
+
+    Raises:
+        ConfigError: ``unknown config key 'max_epoch' (did you mean 'max_epochs'?)``.
+    """
+    from monai.bundle import ConfigParser
+
+    _, files, overrides = current_bundle()
+    if not files or not overrides:
+        return
+    parser = ConfigParser()
+    parser.read_config(f=list(files))
+    known = list(flatten(parser.get()))
+    for key in overrides:
+        if key in parser:
+            continue
+        nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}: it is in none of {', '.join(Path(f).name for f in files)}")
+
+
+# --- one run at a time ---------------------------------------------------------------------------------
+
+class RunLock:
+    """A lock file in a run folder naming the process that holds it (PID, host, start time).
+
+    A second run refuses while the holder lives. A lock whose process has ended on this host (or a
+    lock left by this very process, e.g. after a failed in-process run) is taken over with a log line.
+    A lock of another host cannot be checked and is refused, naming the file to delete if that run is gone.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _alive(holder: Mapping) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return bool(holder)  # another host: cannot tell, assume it lives
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._alive(holder):
+                    where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')}"
+                    raise RunLockError(
+                        f"{self.folder} is in use by another run (pid {holder.get('pid')} on {where}, started "
+                        f"{holder.get('started')}); wait for it to end or use another output folder"
+                        + ("" if where == "this host" else f" (delete {self.path} if that run is gone)")
+                    ) from None
+                logger.warning("taking over the stale lock %s of %s (that process has ended)", self.path, holder or "an unreadable record")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise RunLockError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held and self._holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_LOCKS: dict[Path, RunLock] = {}
+
+
+def lock_run_folder(folder: str | os.PathLike) -> RunLock:
+    """Take the lock of ``folder`` for the rest of this run (released by :func:`release_run_folder` or at exit)."""
+    key = Path(folder).absolute()
+    lock = _LOCKS.get(key)
+    if lock is None or not lock.held:
+        lock = _LOCKS[key] = RunLock(folder).acquire()
+    return lock
+
+
+def release_run_folder(folder: str | os.PathLike) -> None:
+    lock = _LOCKS.pop(Path(folder).absolute(), None)
+    if lock is not None:
+        lock.release()
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+def cohort_fingerprint(dataset_dir: str | os.PathLike, chunk: int = 65536) -> str:
+    """SHA-256 over ``labels.csv`` and each listed image's size and first and last ``chunk`` bytes.
+
+    Cheap on real-size cohorts (two reads per file) and independent of where the folder lies, so a
+    moved or copied cohort still resumes, while other images under the same ``labels.csv`` do not.
+    """
+    from monai_mtl.cohort import read_labels
+
+    dataset_dir = Path(dataset_dir)
+    digest = hashlib.sha256((dataset_dir / "labels.csv").read_bytes())
+    for image in read_labels(dataset_dir / "labels.csv")["image"]:
+        size = os.path.getsize(image)
+        with open(image, "rb") as f:
+            head = f.read(chunk)
+            f.seek(max(size - chunk, 0))
+            tail = f.read(chunk)
+        digest.update(f"{size}:".encode() + head + tail)
+    return digest.hexdigest()
+
+
+def defining_settings(config: Mapping) -> dict[str, Any]:
+    """The flattened config without the :data:`LOGISTICS` keys (JSON round-tripped: lists stay lists)."""
+    flat = {k: v for k, v in flatten(dict(config)).items() if k.split("#", 1)[0] not in LOGISTICS}
+    return json.loads(json.dumps(flat, default=str))
+
+
+def differences(stored: Mapping, current: Mapping, limit: int = 6) -> list[str]:
+    """``key: old -> new`` for each differing key (``(unset)`` where one side lacks it)."""
+    keys = sorted(k for k in set(stored) | set(current) if stored.get(k, "(unset)") != current.get(k, "(unset)"))
+    lines = [f"{k}: {json.dumps(stored.get(k, '(unset)'))} -> {json.dumps(current.get(k, '(unset)'))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"and {len(keys) - limit} more")
+    return lines
+
+
+def fresh_start(output_dir: str | os.PathLike) -> None:
+    """Remove what an earlier run wrote into ``output_dir`` (:data:`RUN_OUTPUTS`), nothing else."""
+    output_dir = Path(output_dir)
+    for name in RUN_OUTPUTS:
+        target = output_dir / name
+        if target.is_dir():
+            logger.info("fresh start (resume=False): removing %s", target)
+            shutil.rmtree(target)
+        elif target.exists():
+            logger.info("fresh start (resume=False): removing %s", target)
+            target.unlink()
+
+
+def start_training_run(output_dir: str | os.PathLike, resume: bool = True) -> None:
+    """Before a training run touches its folder: check the overrides, take the lock, and start afresh if asked."""
+    check_overrides()
+    lock_run_folder(output_dir)
+    if not resume:
+        fresh_start(output_dir)
+
+
+def check_run_settings(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> dict:
+    """Store this run's settings, or refuse to resume a run that was made with other ones.
+
+    Raises:
+        ConfigError: the folder holds a training state made with other settings, another cohort, or by
+            a version that stored none; names each difference and ``--resume False``.
+    """
+    workflow, _, _ = current_bundle()
+    current = _settings(workflow.parser.get(), dataset_dir)
+    output_dir = Path(output_dir)
+    settings_file, state_file = output_dir / SETTINGS_FILE, output_dir / "training_state.pt"
+    way_out = "pass --resume False to start afresh in it, or use another output_dir"
+    if state_file.is_file():
+        if not settings_file.is_file():
+            raise ConfigError(f"{output_dir} holds a training state but no {SETTINGS_FILE} (an older version's run): {way_out}")
+        stored = json.loads(settings_file.read_text())
+        changed = differences(stored.get("config", {}), current["config"])  # max_epochs may change: a resume can extend
+        if stored.get("cohort") != current["cohort"]:
+            changed.insert(0, f"the cohort in {dataset_dir} (labels.csv or images) differs from the one the run was trained on")
+        if changed:
+            raise ConfigError(f"{output_dir} holds a run made with other settings ({'; '.join(changed)}): {way_out}")
+        return current
+    atomic_write_json(settings_file, current)
+    return current
+
+
+def requested_settings(
+    config_files: Sequence[str], dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
+    overrides: Mapping[str, object] | None = None,
+) -> dict:
+    """The settings a child ``python -m monai.bundle run training`` with these arguments would store.
+
+    Override values are read back as the command line gives them (``python-fire`` parses them as
+    Python literals), so a parent compares like for like.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(f=list(config_files))
+    values = {"dataset_dir": str(dataset_dir), "output_dir": str(output_dir)}
+    values.update({k: _as_cli_value(v) for k, v in (overrides or {}).items()})
+    parser.update(pairs=values)
+    parser.resolve_macro_and_relative_ids()  # as ConfigWorkflow.initialize does before the child stores its settings
+    return _settings(parser.get(), dataset_dir)
+
+
+def _settings(config: Mapping, dataset_dir: str | os.PathLike) -> dict:
+    return {"config": defining_settings(config), "max_epochs": config.get("max_epochs"),
+            "cohort": cohort_fingerprint(dataset_dir)}
+
+
+def _as_cli_value(value: object) -> object:
+    text = str(value)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+__all__ = [
+    "LOCK_FILE", "SETTINGS_FILE", "RUN_OUTPUTS", "LOGISTICS", "current_bundle", "flatten", "check_overrides", "RunLock",
+    "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
+    "start_training_run", "check_run_settings", "requested_settings",
+]
