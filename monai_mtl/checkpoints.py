@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,7 +78,11 @@ def load_state_dict_file(checkpoint: str | os.PathLike, map_location: Any = "cpu
         raise CheckpointError(f"{path} is a folder, not a checkpoint file (expected a model.pt written by training)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors... for damaged or foreign files
+    except pickle.UnpicklingError:
+        # a whole torch file, but holding more than tensors (NumPy random states, optimizer objects...)
+        raise CheckpointError(f"{path} is not a model state dict: it holds other Python objects "
+                              "(a training_state.pt? expected the run's model.pt)") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError... for damaged or foreign files
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

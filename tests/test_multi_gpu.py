@@ -52,8 +52,9 @@ def test_torchrun_two_processes_on_cpu(train_cohort, tmp_path):
 
     # one process wrote the checkpoint, the split, the test results and one event file
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.pt", "split.json", "tensorboard", "test_metrics.json", "test_predictions.csv", "training_state.pt"
-    ]
+        "model.pt", "run_settings.json", "split.json", "tensorboard", "test_metrics.json", "test_predictions.csv",
+        "training_state.pt",
+    ]  # and no lock left behind
     assert len(list((out / "tensorboard").iterdir())) == 1
 
     from monai_mtl.evaluation import read_scalars

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ import torch
 
 from conftest import TRAIN_CONFIG, run_bundle
 from monai_mtl.checkpoints import LeakageError, atomic_torch_save, check_no_leakage, read_checkpoint_split
+from monai_mtl.engines import KILL_AT_ITERATION
 
 EPOCHS = 4
 TRAIN_ARGS = ["--max_epochs", str(EPOCHS), "--batch_size", "8", "--cache_workers", "1", "--spatial_size", "[48,48,16]"]
@@ -55,19 +56,14 @@ def test_training_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_train_command(train_cohort, reference), check=True, capture_output=True)
 
-    log = open(tmp_path / "first.log", "w")
-    process = subprocess.Popen(_train_command(train_cohort, killed), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while _saved_epoch(killed / "training_state.pt") < 2:  # epoch 3 is now running
-        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "the training state of epoch 2 never appeared"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # the run kills itself with SIGKILL when iteration 12 completes: 43 training subjects in batches of 8 make
+    # 5 iterations an epoch, so that is during epoch 3 of 4, after epoch 2's training state was saved
+    env = {**os.environ, KILL_AT_ITERATION: "12"}
+    first = subprocess.run(_train_command(train_cohort, killed), env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert not (killed / "test_metrics.json").exists()
     killed_at = _saved_epoch(killed / "training_state.pt")
-    assert 2 <= killed_at < EPOCHS
+    assert killed_at == 2
 
     resumed = subprocess.run(_train_command(train_cohort, killed), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
