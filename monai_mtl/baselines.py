@@ -102,7 +102,7 @@ def run_baseline(
     """Fit baseline ``kind`` on the train + validation parts of ``split_file`` and test it on its test part.
 
     ``overrides`` (bundle keys such as ``max_epochs``) and ``overwrite`` apply to the network
-    baselines only (bundle runs, whose folder their run locks); the others lock ``output_dir`` here.
+    baselines only (bundle runs, whose folder their run locks); the others lock ``output_dir`` to write.
     """
     if kind not in KINDS:
         raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
@@ -110,8 +110,7 @@ def run_baseline(
         raise CohortError(f"no split file {split_file}: train the reference run first, or pass --split")
     if kind in NETWORK_CONFIGS:
         return run_network_baseline(kind, dataset_dir, split_file, output_dir, overrides, overwrite)
-    with RunLock(output_dir):
-        return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir)
+    return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir)
 
 
 def _fit_classical_baseline(
@@ -147,8 +146,9 @@ def _fit_classical_baseline(
     predictions = _predictions_table(test, pred_response, probabilities, pred_severity)
     metrics = {"baseline": kind, "split": str(Path(split_file).absolute()), **report_from_predictions(predictions)}
     out = Path(output_dir)
-    atomic_write_text(out / "test_predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
-    atomic_write_json(out / "test_metrics.json", metrics)
+    with RunLock(out):  # taken once the inputs passed their checks: a refused run leaves no folder
+        atomic_write_text(out / "test_predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
+        atomic_write_json(out / "test_metrics.json", metrics)
     logger.info("baseline %s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s", kind, metrics["accuracy"],
                 metrics["severity_mae"], metrics["n"], out / "test_metrics.json")
     return metrics

@@ -148,6 +148,8 @@ def cross_validate(
     """
     if num_folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    if fold is not None and not 0 <= fold < num_folds:
+        raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
     with RunLock(output_dir):
         for i in [fold] if fold is not None else range(num_folds):
             run_fold(i, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)

@@ -9,6 +9,7 @@ voxel size or orientation of the scans it is given.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -59,7 +60,7 @@ class Preprocessing:
     pixdim: tuple[float, float, float] = (2.5, 3.0, 8.0)
     spatial_size: tuple[int, int, int] = (64, 64, 16)
     axcodes: str = "RAS"
-    intensity: str = "zscore_minmax"
+    intensity: str = "zscore"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pixdim", tuple(float(v) for v in self.pixdim))
@@ -217,7 +218,7 @@ class CheckImaged(MapTransform):
                 raise not_3d_error(path, shape)
             array = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             check_volume(np.asarray(array.detach().cpu()), path)
-            if isinstance(path, str) and path.endswith((".nii", ".nii.gz")):
+            if isinstance(path, str) and path.lower().endswith((".nii", ".nii.gz")) and os.path.isfile(path):
                 check_stored_size(path)
         return data
 

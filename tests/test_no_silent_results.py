@@ -270,7 +270,7 @@ def test_a_bad_checkpoint_says_what_the_file_is_and_what_was_expected(trained_ru
                        output_dir=str(tmp_path / "out"), ckpt_path=str(path))
     expected = {
         "truncated": "is not a readable PyTorch checkpoint", "folder": "is a folder, not a checkpoint file",
-        "training_state": "is not a model state dict (a training_state.pt?", "missing": "no checkpoint at",
+        "training_state": "is not a model state dict: it holds other Python objects (a training_state.pt?", "missing": "no checkpoint at",
     }[case]
     assert expected in message and str(path) in message
 

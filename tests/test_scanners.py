@@ -47,7 +47,7 @@ def test_the_same_phantom_on_another_grid_reaches_the_network_as_nearly_the_same
 def test_checkpoint_stores_preprocessing_and_network(trained_run):
     metadata = read_run_metadata(trained_run / "model.pt")
     assert metadata["preprocessing"] == {"pixdim": [2.5, 3.0, 8.0], "spatial_size": [64, 64, 16], "axcodes": "RAS",
-                                         "intensity": "zscore_minmax"}
+                                         "intensity": "zscore"}
     assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet" and metadata["network"]["task_blocks"] == 1
     settings = checkpoint_settings(trained_run / "model.pt", spatial_size=[64, 64, 16], pixdim=None)  # equal: accepted
     assert settings["preprocessing"] == Preprocessing()
@@ -86,8 +86,8 @@ def test_a_contradicting_override_is_refused_naming_both_values(run_48, train_co
         chain = repr(err.value) + repr(err.value.__cause__)
         assert f"{key}={value} contradicts" in chain and f"trained with {key}={stored}" in chain, chain
         assert not (tmp_path / key / "predictions.csv").exists()
-    with pytest.raises(CheckpointError, match="intensity=zscore contradicts"):
-        checkpoint_settings(run_48 / "model.pt", intensity="zscore")
+    with pytest.raises(CheckpointError, match="intensity=zscore_minmax contradicts"):
+        checkpoint_settings(run_48 / "model.pt", intensity="zscore_minmax")
 
 
 def test_evaluation_takes_the_preprocessing_from_the_checkpoint(run_48, train_cohort):
