@@ -21,7 +21,6 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable, Transform
 
-from monai_mtl.cohort import SPLIT_KEYS
 from monai_mtl.errors import CheckpointError, LeakageError
 from monai_mtl.io import atomic_write
 

@@ -190,32 +190,33 @@ def artifact_sweep(
         raise CohortError(f"{run_dir}: no split.json (expected a training run's output folder)")
     if part not in ("test", "validation"):
         raise ValueError(f"part must be 'test' or 'validation', got {part!r}")
-    test_ids = json.loads(split_file.read_text())[part]
+    subject_ids = json.loads(split_file.read_text())[part]
     checkpoint = run_dir / "model.pt"
     if part == "test":
-        check_no_leakage(checkpoint, test_ids)
-    lock = RunLock(output_dir).acquire()
-    model = _CheckpointModel(checkpoint, device)
-    datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), test_ids)
-    rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
-    logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])
-    for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
-        for strength in values:
-            row = _metrics_row(model.predict(datalist, [ArtifactScand(kind, strength, seed)]), kind=kind, strength=f"{strength:g}")
-            logger.info("robustness: %s %g: accuracy %.4f, MAE %.2f", kind, strength, row["accuracy"], row["severity_mae"])
-            rows.append(row)
-    if grids and (Path(dataset_dir) / "cohort.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="regrid-") as tmp:
-            for shape in grids:
-                records = regrid_subjects(dataset_dir, test_ids, shape, Path(tmp) / "x".join(map(str, shape)))
-                row = _metrics_row(model.predict(records), kind="grid", strength="x".join(map(str, shape)))
-                logger.info("robustness: grid %s: accuracy %.4f, MAE %.2f", row["strength"], row["accuracy"], row["severity_mae"])
+        check_no_leakage(checkpoint, subject_ids)
+    with RunLock(output_dir):
+        model = _CheckpointModel(checkpoint, device)
+        datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), subject_ids)
+        rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
+        logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])
+        for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
+            for strength in values:
+                row = _metrics_row(model.predict(datalist, [ArtifactScand(kind, strength, seed)]), kind=kind, strength=f"{strength:g}")
+                logger.info("robustness: %s %g: accuracy %.4f, MAE %.2f", kind, strength, row["accuracy"], row["severity_mae"])
                 rows.append(row)
-    table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    robustness_figure(table, output_dir / "robustness.png")
-    atomic_write_text(output_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6g"))
-    lock.release()
+        if grids and (Path(dataset_dir) / "cohort.json").is_file():
+            with tempfile.TemporaryDirectory(prefix="regrid-") as tmp:
+                for shape in grids:
+                    records = regrid_subjects(dataset_dir, subject_ids, shape, Path(tmp) / "x".join(map(str, shape)))
+                    row = _metrics_row(model.predict(records), kind="grid", strength="x".join(map(str, shape)))
+                    logger.info("robustness: grid %s: accuracy %.4f, MAE %.2f", row["strength"], row["accuracy"], row["severity_mae"])
+                    rows.append(row)
+        elif grids:
+            logger.info("robustness: no cohort.json in %s (not a synthetic cohort): no grid rows", dataset_dir)
+        table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae"])
+        output_dir.mkdir(parents=True, exist_ok=True)
+        robustness_figure(table, output_dir / "robustness.png")
+        atomic_write_text(output_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6g"))
     logger.info("robustness table -> %s", output_dir / "robustness.csv")
     return table
 
