@@ -1,9 +1,14 @@
 """Scanner artifacts on 3D arrays: one definition shared by the multi-site generator and the robustness sweep.
 
 Each function takes a volume ``(X, Y, Z)`` as a NumPy array and returns a new float32 array; random
-ones take a NumPy generator, so a site's or a sweep's draws are reproducible. Where MONAI has the
-artifact (Gibbs ringing) it is MONAI's; MONAI has no deterministic bias field from given coefficients,
-no motion ghosting and no slab (slice-thickness) integration, so those are written here.
+ones take a NumPy generator, so a site's draws come from the subject's own stream and a sweep's from
+a seed. Gibbs ringing is MONAI's ``GibbsNoise``. Written here, and why: MONAI has no bias field from
+given coefficients (``RandBiasField`` draws its own), no motion ghosting and no slab (slice-thickness)
+integration; its ``AdjustContrast`` raises the intensities relative to the image's minimum, which
+moves the background of a scan with noise, while :func:`gamma_contrast` keeps 0 at 0; its
+``RandRicianNoise`` draws from the transform's own generator, not from the subject's stream that makes
+the cohort independent of worker count. Training augmentation (``transforms.augmentation_transforms``)
+uses MONAI's random transforms.
 """
 
 from __future__ import annotations
