@@ -266,7 +266,6 @@ class TrainingStateCheckpoint:
         early_stop: optional MONAI ``EarlyStopHandler`` (its ignite handler holds the counter).
         evaluator: optional validation evaluator (its best metric decides when the best model is saved).
         resume: continue from ``path`` when it exists.
-        best_model_path: the run's best-model file, removed on a fresh start so no stale model survives.
         save: write the state (false on the non-zero ranks of a distributed run; every rank still loads).
     """
 
@@ -279,14 +278,12 @@ class TrainingStateCheckpoint:
         early_stop: Any = None,
         evaluator: Engine | None = None,
         resume: bool = True,
-        best_model_path: str | os.PathLike | None = None,
         save: bool = True,
     ) -> None:
         self.path = Path(path)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.early_stop, self.evaluator = early_stop, evaluator
         self.resume, self.save = bool(resume), bool(save)
-        self.best_model_path = Path(best_model_path) if best_model_path else None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)

@@ -105,9 +105,7 @@ class _CheckpointModel:
     def predict(self, datalist: list[dict], acquisition: Sequence = ()) -> pd.DataFrame:
         from monai_mtl.engines import MultiTaskEvaluator
         from monai_mtl.evaluation import predict
-        from monai_mtl.transforms import ScaleSeverityd
-
-        transform = Compose([*self.preprocessing.transforms(acquisition=acquisition), ScaleSeverityd(keys="severity")])
+        transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
         loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
         evaluator = MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
         return predict(evaluator)

@@ -86,7 +86,7 @@ class Preprocessing:
 
     def transforms(
         self, keys: KeysCollection = "image", check: bool = False, track_meta: bool = False,
-        augmentation: Sequence = (), acquisition: Sequence = (),
+        augmentation: Sequence = (), acquisition: Sequence = (), severity_key: str | None = None,
     ) -> list:
         """The MONAI transform chain: load, (check,) float32, orient, resample, crop/pad, (augment,) normalise.
 
@@ -99,6 +99,7 @@ class Preprocessing:
                 deterministic part before them).
             acquisition: transforms applied to the scan as loaded, in its own grid, before
                 resampling (e.g. :class:`monai_mtl.robustness.ArtifactScand` to simulate another scanner).
+            severity_key: also scale this target to [0, 1] (:class:`ScaleSeverityd`), for labelled data.
         """
         chain = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
         if check:
@@ -115,16 +116,9 @@ class Preprocessing:
         if self.intensity == "zscore_minmax":
             chain.append(ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0))
         chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=track_meta))
+        if severity_key is not None:
+            chain.append(ScaleSeverityd(keys=severity_key))
         return chain
-
-
-def preprocessing_transforms(
-    settings: Preprocessing | Mapping, keys: KeysCollection = "image", check: bool = False, track_meta: bool = False,
-    augmentation: Sequence = (),
-) -> list:
-    """:meth:`Preprocessing.transforms` from a :class:`Preprocessing` or its dict form (bundle configs)."""
-    settings = settings if isinstance(settings, Preprocessing) else Preprocessing.from_dict(settings)
-    return settings.transforms(keys, check=check, track_meta=track_meta, augmentation=augmentation)
 
 
 #: ``paper``: the paper's noise + intensity shift only (on the batch, :class:`BatchIntensityAugmentation`);
