@@ -25,15 +25,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from monai_mtl import RESPONSE_NAMES
 from monai_mtl.cohort import CohortError, read_labels
 from monai_mtl.evaluation import report_from_predictions
-from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.io import atomic_write_csv, atomic_write_json
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, prediction_table
 from monai_mtl.run_folder import RunLock
 
 logger = logging.getLogger(__name__)
@@ -54,21 +53,6 @@ def region_features(image_path: str, atlas: np.ndarray) -> np.ndarray:
     volume = (volume - volume.mean()) / max(float(volume.std()), 1e-8)
     labels = [k for k in np.unique(atlas) if k != 0]
     return np.array([volume[atlas == k].mean() for k in labels] + [volume[atlas == k].std() for k in labels])
-
-
-def _predictions_table(test: pd.DataFrame, pred_response: np.ndarray, probabilities: np.ndarray, pred_severity: np.ndarray) -> pd.DataFrame:
-    table = pd.DataFrame({
-        "subject_id": test["subject_id"].to_numpy(),
-        "true_response": test["response"].to_numpy(),
-        "true_response_name": [RESPONSE_NAMES[i] for i in test["response"]],
-        "pred_response": pred_response,
-        "pred_response_name": [RESPONSE_NAMES[i] for i in pred_response],
-    })
-    for i, name in enumerate(RESPONSE_NAMES):
-        table[f"prob_{name}"] = probabilities[:, i]
-    table["true_severity"] = test["severity"].to_numpy()
-    table["pred_severity"] = pred_severity
-    return table
 
 
 def run_network_baseline(
@@ -124,9 +108,8 @@ def _fit_classical_baseline(
     fit, test = table.loc[split["train"] + split["validation"]], table.loc[split["test"]]
     if kind == "class-median":
         medians = fit.groupby("response")["severity"].median()
-        pred_response = test["response"].to_numpy()
-        probabilities = np.eye(len(RESPONSE_NAMES))[pred_response]
-        pred_severity = medians.loc[pred_response].to_numpy()
+        probabilities = np.eye(NUM_RESPONSE_CLASSES)[test["response"].to_numpy()]
+        pred_severity = medians.loc[test["response"]].to_numpy()
     else:
         atlas_path = Path(dataset_dir) / "atlas.nii.gz"
         if not atlas_path.is_file():
@@ -139,15 +122,15 @@ def _fit_classical_baseline(
         classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         classifier.fit(x_fit, fit["response"])
         probabilities = classifier.predict_proba(x_test)
-        pred_response = probabilities.argmax(axis=1)
         regressor = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
         regressor.fit(x_fit, fit["severity"])
         pred_severity = np.clip(regressor.predict(x_test), 0.0, 100.0)
-    predictions = _predictions_table(test, pred_response, probabilities, pred_severity)
+    predictions = prediction_table(probabilities, pred_severity, {"subject_id": test["subject_id"].to_numpy()},
+                                   true_response=test["response"].to_numpy(), true_severity=test["severity"].to_numpy())
     metrics = {"baseline": kind, "split": str(Path(split_file).absolute()), **report_from_predictions(predictions)}
     out = Path(output_dir)
     with RunLock(out):  # taken once the inputs passed their checks: a refused run leaves no folder
-        atomic_write_text(out / "test_predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
+        atomic_write_csv(out / "test_predictions.csv", predictions)
         atomic_write_json(out / "test_metrics.json", metrics)
     logger.info("baseline %s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s", kind, metrics["accuracy"],
                 metrics["severity_mae"], metrics["n"], out / "test_metrics.json")

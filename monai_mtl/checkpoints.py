@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable, Transform
 
 from monai_mtl.errors import CheckpointError, LeakageError
+from monai_mtl.handlers import is_rank_zero
 from monai_mtl.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,12 @@ class BestModelSaver:
         split: subject ids of each split part, stored for the leakage check of later evaluations.
         preprocessing: the input definition (:class:`~monai_mtl.transforms.Preprocessing` or its dict),
             stored so that evaluation and inference feed the model as it was trained.
+
+    Only rank 0 of a distributed run attaches it (:func:`monai_mtl.handlers.handlers_for_rank`), and it
+    writes nothing on another rank should one attach it anyway.
     """
+
+    rank_zero_only = True
 
     def __init__(
         self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None,
@@ -202,9 +208,10 @@ class BestModelSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch != engine.state.epoch:
-            return
         from monai_mtl.networks import network_config
+
+        if engine.state.best_metric_epoch != engine.state.epoch or not is_rank_zero():
+            return
 
         module = getattr(self.network, "module", self.network)
         facts = {"network": network_config(module)} if hasattr(module, "init_args") else {}
@@ -266,8 +273,11 @@ class TrainingStateCheckpoint:
         early_stop: optional MONAI ``EarlyStopHandler`` (its ignite handler holds the counter).
         evaluator: optional validation evaluator (its best metric decides when the best model is saved).
         resume: continue from ``path`` when it exists.
-        save: write the state (false on the non-zero ranks of a distributed run; every rank still loads).
+        save: write the state; ``None`` (default): on rank 0 of a distributed run only. Every rank
+            attaches it and loads the state, so every rank resumes.
     """
+
+    rank_zero_only = False  # every rank restores the state; only rank 0 writes it
 
     def __init__(
         self,
@@ -278,12 +288,12 @@ class TrainingStateCheckpoint:
         early_stop: Any = None,
         evaluator: Engine | None = None,
         resume: bool = True,
-        save: bool = True,
+        save: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.early_stop, self.evaluator = early_stop, evaluator
-        self.resume, self.save = bool(resume), bool(save)
+        self.resume, self.save = bool(resume), save
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -317,7 +327,7 @@ class TrainingStateCheckpoint:
         }
 
     def store(self, engine: Engine) -> None:
-        if self.save:
+        if self.save if self.save is not None else is_rank_zero():
             atomic_torch_save(self.state_dict(engine), self.path)
 
     def load(self, engine: Engine) -> None:

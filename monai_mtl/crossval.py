@@ -20,7 +20,7 @@ import pandas as pd
 from monai_mtl.checkpoints import check_no_leakage
 from monai_mtl.cohort import read_labels
 from monai_mtl.errors import CohortError
-from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from monai_mtl.run_folder import RunLock
 from monai_mtl.runs import DEFAULT_CONFIG, run_training
 
@@ -120,7 +120,7 @@ def summarize(
         **{k: {"mean": float(folds[k].mean()), "std": float(folds[k].std(ddof=1)) if num_folds > 1 else 0.0,
                "min": float(folds[k].min()), "max": float(folds[k].max())} for k in SUMMARY_METRICS},
     }
-    atomic_write_text(output_dir / "cv_folds.csv", folds.to_csv(index=False, float_format="%.6g"))
+    atomic_write_csv(output_dir / "cv_folds.csv", folds)
     atomic_write_json(output_dir / "cv_summary.json", summary)
     lines = ["| metric | mean ± std | min | max |", "|---|---|---|---|"]
     lines += [f"| {k} | {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f} | {summary[k]['min']:.4f} | {summary[k]['max']:.4f} |"

@@ -11,11 +11,13 @@ import pandas as pd
 import torch
 from ignite.engine import Engine, Events
 
-from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
+from monai_mtl import SEVERITY_SCALE
 from monai_mtl.checkpoints import CheckpointError, check_no_leakage, load_state_dict_file, read_run_metadata
-from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.handlers import is_rank_zero
+from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.metrics import prediction_report
-from monai_mtl.networks import network_config, split_output
+from monai_mtl.networks import network_config
+from monai_mtl.outputs import decode_output, prediction_table
 
 logger = logging.getLogger(__name__)
 
@@ -43,24 +45,12 @@ class PredictionCollector:
 
     def table(self) -> pd.DataFrame:
         """One row per subject: ids, true/predicted class (index and name), class probabilities, severities on 0-100."""
-        logits, severity = split_output(torch.cat(self.outputs))
-        probabilities = torch.softmax(logits, dim=1).numpy()
-        true_response = torch.cat(self.responses).numpy().astype(int)
-        pred_response = probabilities.argmax(axis=1)
-        table = pd.DataFrame(
-            {
-                "subject_id": self.subject_ids,
-                "true_response": true_response,
-                "true_response_name": [RESPONSE_NAMES[i] for i in true_response],
-                "pred_response": pred_response,
-                "pred_response_name": [RESPONSE_NAMES[i] for i in pred_response],
-            }
+        probabilities, pred_severity = decode_output(torch.cat(self.outputs))
+        return prediction_table(
+            probabilities, pred_severity, {"subject_id": self.subject_ids},
+            true_response=torch.cat(self.responses).numpy(),
+            true_severity=torch.cat(self.severities).numpy() * SEVERITY_SCALE,
         )
-        for i, name in enumerate(RESPONSE_NAMES):
-            table[f"prob_{name}"] = probabilities[:, i]
-        table["true_severity"] = torch.cat(self.severities).numpy() * SEVERITY_SCALE
-        table["pred_severity"] = severity.numpy() * SEVERITY_SCALE
-        return table
 
 
 def predict(evaluator: Engine) -> pd.DataFrame:
@@ -126,46 +116,6 @@ def _evaluated_subjects(evaluator: Engine) -> list[str]:
     return [str(r.get("subject_id", "")) for r in getattr(dataset, "data", [])]
 
 
-def _predict_checkpoint(
-    evaluator: Engine, network: torch.nn.Module, checkpoint: str | os.PathLike, allow_overlap: bool = False
-) -> tuple[pd.DataFrame, dict]:
-    """Load ``checkpoint``, refuse subjects it was trained on, predict the evaluator's data; returns predictions and metrics."""
-    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
-    check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
-    table = predict(evaluator)
-    return table, {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
-
-
-def _write_results(output_dir: Path, table: pd.DataFrame, metrics: dict, csv_name: str, json_name: str) -> None:
-    # predictions first, metrics last: a metrics file only exists once everything before it was written
-    atomic_write_text(output_dir / csv_name, table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_json(output_dir / json_name, metrics)
-
-
-def evaluate_checkpoint(
-    evaluator: Engine,
-    network: torch.nn.Module,
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    prefix: str = "test",
-    allow_overlap: bool = False,
-) -> dict:
-    """Load ``checkpoint`` into ``network``, predict ``evaluator``'s data once and write the results.
-
-    Writes ``<output_dir>/<prefix>_metrics.json`` and ``<output_dir>/<prefix>_predictions.csv``
-    (atomically). Used once, at the end of training, on the test part. Refuses (``LeakageError``)
-    subjects the checkpoint was trained or validated on unless ``allow_overlap``.
-    """
-    table, metrics = _predict_checkpoint(evaluator, network, checkpoint, allow_overlap)
-    output_dir = Path(output_dir)
-    _write_results(output_dir, table, metrics, f"{prefix}_predictions.csv", f"{prefix}_metrics.json")
-    logger.info(
-        "%s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s",
-        prefix, metrics["accuracy"], metrics["severity_mae"], metrics["n"], output_dir / f"{prefix}_metrics.json",
-    )
-    return metrics
-
-
 def bootstrap_intervals(table: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile bootstrap intervals (subjects resampled with replacement) of accuracy and severity MAE."""
     rng = np.random.default_rng(seed)
@@ -197,31 +147,58 @@ def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
     return {tag: sorted({e.step: e.value for e in events}.items()) for tag, events in read_scalar_events(log_dir).items()}
 
 
-def evaluate_run(
+def evaluate_checkpoint(
     evaluator: Engine,
     network: torch.nn.Module,
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
+    prefix: str = "test",
+    allow_overlap: bool = False,
+    figures: bool = False,
     summary_writer=None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-    allow_overlap: bool = False,
 ) -> dict:
-    """Evaluate a training run's best checkpoint on its test part and write the paper's outputs.
+    """Load ``checkpoint`` into ``network``, predict ``evaluator``'s data once and write the results.
 
-    Writes to ``output_dir``: ``predictions.csv``, ``metrics.json`` (all metrics of
-    :func:`~monai_mtl.metrics.prediction_report` plus 95% bootstrap intervals of accuracy and MAE),
-    and the figures ``confusion_matrix.png``, ``severity_scatter.png``, ``severity_error_histogram.png``
-    and ``training_curves.png`` (from the run's TensorBoard logs), also logged to TensorBoard when
-    ``summary_writer`` is given. Metrics and predictions are written last, so a failed evaluation
-    leaves no ``metrics.json`` that looks complete. Test subjects that the checkpoint was trained or
+    The one evaluation of the project: training ends with it on the test part (``prefix="test"``:
+    ``test_predictions.csv``, ``test_metrics.json``), and the bundle's ``evaluating`` workflow runs it
+    with ``prefix=""`` and ``figures=True`` (``predictions.csv``, ``metrics.json`` and the figures).
+
+    ``<prefix>_metrics.json`` holds every metric of :func:`~monai_mtl.metrics.prediction_report`
+    and percentile-bootstrap 95% intervals of accuracy and MAE (``bootstrap_95``). With ``figures``:
+    ``confusion_matrix.png``, ``severity_scatter.png``, ``severity_error_histogram.png`` and
+    ``training_curves.png`` (from the run's TensorBoard logs), also logged to TensorBoard when
+    ``summary_writer`` is given. Predictions and metrics are written last, atomically, so a failed
+    evaluation leaves no metrics file that looks complete. Subjects the checkpoint was trained or
     validated on (its stored split) are refused with ``LeakageError`` unless ``allow_overlap``.
+    In a distributed run, rank 0 evaluates and the other ranks return ``{}``.
     """
+    if not is_rank_zero():
+        return {}
+    load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
+    check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
+    table = predict(evaluator)
+    metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
+    metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
+    output_dir = Path(output_dir)
+    if figures:
+        _write_figures(table, metrics, output_dir, summary_writer)
+    name = f"{prefix}_" if prefix else ""
+    # predictions first, metrics last: a metrics file only exists once everything before it was written
+    atomic_write_csv(output_dir / f"{name}predictions.csv", table)
+    atomic_write_json(output_dir / f"{name}metrics.json", metrics)
+    logger.info(
+        "%s: accuracy %.4f %s, severity MAE %.2f %s (n=%d) -> %s", prefix or "evaluation",
+        metrics["accuracy"], metrics["bootstrap_95"]["accuracy"], metrics["severity_mae"],
+        metrics["bootstrap_95"]["severity_mae"], metrics["n"], output_dir / f"{name}metrics.json",
+    )
+    return metrics
+
+
+def _write_figures(table: pd.DataFrame, metrics: dict, output_dir: Path, summary_writer=None) -> None:
     from monai_mtl import figures
 
-    output_dir = Path(output_dir)
-    table, metrics = _predict_checkpoint(evaluator, network, checkpoint, allow_overlap)
-    metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
     written = [
         figures.confusion_matrix_figure(metrics["confusion_matrix"], output_dir / "confusion_matrix.png"),
         *figures.severity_figures(
@@ -238,16 +215,9 @@ def evaluate_run(
         for path in written:
             summary_writer.add_image(f"evaluation/{path.stem}", matplotlib.image.imread(path)[..., :3], dataformats="HWC")
         summary_writer.flush()
-    _write_results(output_dir, table, metrics, "predictions.csv", "metrics.json")
-    logger.info(
-        "evaluation: accuracy %.4f %s, severity MAE %.2f %s (n=%d) -> %s",
-        metrics["accuracy"], metrics["bootstrap_95"]["accuracy"], metrics["severity_mae"],
-        metrics["bootstrap_95"]["severity_mae"], metrics["n"], output_dir / "metrics.json",
-    )
-    return metrics
 
 
 __all__ = [
     "PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint",
-    "bootstrap_intervals", "read_scalar_events", "read_scalars", "evaluate_run",
+    "bootstrap_intervals", "read_scalar_events", "read_scalars",
 ]

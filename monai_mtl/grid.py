@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from monai_mtl.io import atomic_write_text
+from monai_mtl.io import atomic_write_csv, atomic_write_text
 from monai_mtl.run_folder import RunLock
 from monai_mtl.runs import DEFAULT_CONFIG, run_training
 
@@ -73,7 +73,7 @@ def collect(output_dir: str | os.PathLike, points: Sequence[Mapping[str, float]]
     table = table.sort_values(["best_val_loss", "trial"]).reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
     output_dir = Path(output_dir)
-    atomic_write_text(output_dir / "grid_results.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_csv(output_dir / "grid_results.csv", table)
     atomic_write_text(
         output_dir / "grid_results.md",
         f"{len(table)} of {len(points)} trials finished; ranked by lowest validation loss.\n\n"

@@ -1,15 +1,63 @@
-"""Ignite/MONAI event handlers for multi-task training: gradient clipping, learning-rate and image logging."""
+"""Ignite/MONAI event handlers for multi-task training: gradient clipping, learning-rate and image logging,
+and which handlers a process of a distributed run attaches.
+
+Bundle configs group an engine's handlers by name (``train#handlers#validation``, ...) and hand them
+to the engine through :func:`handlers_for_rank`, which knows in Python which of them only rank 0
+may run: those that write files or logs. A handler added to the group is attached by every rank
+unless it reports or writes, so inserting one cannot silently make every rank write checkpoints or
+drop a rank's learning-rate or early-stopping step (as list positions in a config could).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 logger = logging.getLogger(__name__)
+
+
+def process_rank() -> int:
+    """This process's rank in the ``torch.distributed`` group; 0 when not distributed."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the run's files: always outside a distributed run, else rank 0 only."""
+    return process_rank() == 0
+
+
+def writes_outputs(handler: Any) -> bool:
+    """Whether ``handler`` only reports or writes (logs, TensorBoard, progress bars, checkpoints), so rank 0 alone runs it.
+
+    Handlers of this package say so with a ``rank_zero_only`` attribute; MONAI's and ignite's
+    reporting handlers are known by type.
+    """
+    from ignite.handlers import ProgressBar
+    from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardImageHandler, TensorBoardStatsHandler
+
+    explicit = getattr(handler, "rank_zero_only", None)
+    if explicit is not None:
+        return bool(explicit)
+    return isinstance(handler, (ProgressBar, StatsHandler, TensorBoardStatsHandler, TensorBoardImageHandler, CheckpointSaver))
+
+
+def handlers_for_rank(handlers: Mapping[str, Any] | Iterable[Any]) -> list:
+    """The handlers this process attaches, in order: all of them on rank 0; on the other ranks those that compute.
+
+    Args:
+        handlers: handlers by name (a bundle config's handler group) or in a sequence; ``None`` entries
+            (a handler switched off by an override) are skipped.
+    """
+    group = list(handlers.values()) if isinstance(handlers, Mapping) else list(handlers)
+    rank_zero = is_rank_zero()
+    return [h for h in group if h is not None and (rank_zero or not writes_outputs(h))]
 
 
 class GradientClipHandler:
@@ -71,6 +119,8 @@ class TensorBoardSliceHandler:
         tag: image tag.
         global_epoch_transform: maps the engine's epoch to the step (e.g. the trainer's epoch).
     """
+
+    rank_zero_only = True
 
     def __init__(
         self,

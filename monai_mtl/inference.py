@@ -9,6 +9,7 @@ back onto each input scan's own grid, so they overlay the scan in any NIfTI view
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -24,19 +25,15 @@ from monai.transforms import SpatialResample
 from monai.visualize import GradCAM
 from torch import nn
 
-from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
-from monai_mtl.cohort import CohortError, unreadable_error
-from monai_mtl.io import atomic_write, atomic_write_text
-from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
-from monai_mtl.synthetic import ATLAS_LABELS, nifti_image
+from monai_mtl.errors import CohortError
+from monai_mtl.images import unreadable_error
+from monai_mtl.io import atomic_write_csv, atomic_write_nifti, nifti_image
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, PROBABILITY_COLUMNS, decode_output, prediction_table, split_output
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PREDICTION_COLUMNS = (
-    "image", "pred_response", "pred_response_name",
-    *(f"prob_{n}" for n in RESPONSE_NAMES), "pred_severity", "error",
-)
+PREDICTION_COLUMNS = ("image", "pred_response", "pred_response_name", *PROBABILITY_COLUMNS, "pred_severity", "error")
 
 
 def _is_nifti(path: Path) -> bool:
@@ -287,6 +284,7 @@ class PredictionWriter:
         self.atlas_path = Path(atlas) if atlas and Path(atlas).is_file() else None
         self.rows: list[dict] = []
         self.region_rows: list[dict] = []
+        self.region_names: dict[int, str] = {}
         self._cams: dict[str, GradCAM] = {}
         self._pngs_written = 0
 
@@ -303,18 +301,11 @@ class PredictionWriter:
         paths = list(image.meta["filename_or_obj"])
         indices = batch.get("input_index")
         indices = [int(i) for i in indices] if indices is not None else [None] * len(paths)
-        pred = engine.state.output["pred"]
-        pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
-        logits, severity = split_output(pred.detach().float().cpu())
-        probabilities = torch.softmax(logits, dim=1)
-        for i, path in enumerate(paths):
-            row = {"image": path, "input_index": indices[i], "pred_response": int(probabilities[i].argmax())}
-            row["pred_response_name"] = RESPONSE_NAMES[row["pred_response"]]
-            row.update({f"prob_{n}": float(probabilities[i, k]) for k, n in enumerate(RESPONSE_NAMES)})
-            row.update(pred_severity=float(severity[i]) * SEVERITY_SCALE, error="")
-            self.rows.append(row)
+        probabilities, pred_severity = decode_output(engine.state.output["pred"])
+        table = prediction_table(probabilities, pred_severity, {"image": paths, "input_index": indices})
+        self.rows.extend(table.assign(error="").to_dict("records"))
         if self.saliency:
-            self._write_saliency(engine, image, probabilities.argmax(dim=1))
+            self._write_saliency(engine, image, torch.as_tensor(probabilities.argmax(axis=1)))
 
     def _gradcam(self, network: nn.Module, head: str) -> GradCAM:
         if head not in self._cams:
@@ -348,7 +339,7 @@ class PredictionWriter:
                 resampled = resample(on_model_grid, dst_affine=dst_affine, spatial_size=source.shape[:3])
                 data = np.asarray(resampled[0].detach().cpu().numpy(), dtype=np.float32)
                 in_space[head] = data
-                _save_nifti_atomic(nifti_image(data, source.affine), folder / f"{self._stem(path)}_{head}.nii.gz")
+                atomic_write_nifti(folder / f"{self._stem(path)}_{head}.nii.gz", nifti_image(data, source.affine))
             self._region_means(path, source, in_space)
             if self._pngs_written < self.saliency_png:
                 from monai_mtl.figures import saliency_overlay
@@ -366,9 +357,11 @@ class PredictionWriter:
         if atlas.shape[:3] != source.shape[:3] or not np.allclose(atlas.affine, source.affine, atol=1e-4):
             return
         labels = np.asarray(atlas.dataobj)
+        names = self.region_names or atlas_region_names(self.atlas_path)
+        self.region_names = names
         for head, data in maps.items():
             row = {"image": path, "head": head}
-            row.update({name: float(data[labels == k].mean()) for k, name in ATLAS_LABELS.items() if (labels == k).any()})
+            row.update({names.get(int(k), f"region_{int(k)}"): float(data[labels == k].mean()) for k in np.unique(labels)})
             self.region_rows.append(row)
 
     def _write(self, engine: Engine) -> None:
@@ -381,15 +374,24 @@ class PredictionWriter:
                       key=lambda row: row["input_index"] if row.get("input_index") is not None else last)
         table = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
         table["error"] = table["error"].fillna("")
-        atomic_write_text(self.output_dir / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+        atomic_write_csv(self.output_dir / "predictions.csv", table)
         logger.info("wrote %d predictions (%d errors) to %s", len(self.rows), len(self.error_rows), self.output_dir / "predictions.csv")
         if self.region_rows:
             regions = pd.DataFrame(self.region_rows)
-            atomic_write_text(self.output_dir / "saliency" / "region_saliency.csv", regions.to_csv(index=False, float_format="%.6g"))
+            atomic_write_csv(self.output_dir / "saliency" / "region_saliency.csv", regions)
 
 
-def _save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
-    atomic_write(path, lambda partial: nib.save(image, partial))
+def atlas_region_names(atlas: str | os.PathLike) -> dict[int, str]:
+    """Region names of an atlas's labels, from ``atlas_labels`` of the ``cohort.json`` beside it (the synthetic cohort's).
+
+    Labels without a name (an atlas of one's own, with no ``cohort.json``) are called ``region_<label>``.
+    """
+    description = Path(atlas).parent / "cohort.json"
+    try:
+        names = json.loads(description.read_text()).get("atlas_labels", {})
+        return {int(k): str(v) for k, v in names.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def find_atlas(dataset_dir: str | os.PathLike) -> str | None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai.losses import FocalLoss
 from torch import nn
 
-from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
 
 
 class MultiTaskLoss(nn.Module):

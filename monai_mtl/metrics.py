@@ -24,7 +24,7 @@ from sklearn.metrics import (
 )
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
-from monai_mtl.networks import NUM_RESPONSE_CLASSES, split_output
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
 
 #: names accepted by :class:`MultiTaskMetric`
 SCORES = ("accuracy", "f1_macro", "severity_mae", "score")

@@ -1,9 +1,7 @@
-"""Networks: the dual-path multi-task 3D CNN, and helpers to read its single output tensor.
+"""Networks: the dual-path multi-task 3D CNN and a ResNet with two heads, and their settings in checkpoints.
 
-MONAI's bundle tools (``verify_net_in_out``, ``ckpt_export``) and TorchScript need a network that
-returns one tensor shaped ``(B, C)``. :class:`DualPathNet` therefore returns ``(B, num_classes + 1)``:
-the response logits (softmax gives the class probabilities) followed by the sigmoid severity in
-[0, 1]. :func:`split_output` takes it apart.
+Every network here returns the one output tensor of :mod:`monai_mtl.outputs`:
+``(B, num_classes + 1)``, the response logits followed by the sigmoid severity in [0, 1].
 """
 
 from __future__ import annotations
@@ -14,15 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-NUM_RESPONSE_CLASSES = 3
-TASKS = ("response", "severity")
-
-
-def split_output(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(response_logits (B, num_classes), severity (B,) in [0, 1])`` from a network output ``(B, num_classes + 1)``."""
-    if output.ndim != 2 or output.shape[1] != num_classes + 1:
-        raise ValueError(f"expected a network output of shape (B, {num_classes + 1}), got {tuple(output.shape)}")
-    return output[:, :num_classes], output[:, num_classes]
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa: F401 (split_output: re-exported)
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True) -> nn.Sequential:

@@ -32,7 +32,7 @@ from monai.transforms import Compose, MapTransform, Spacing
 
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_labels, to_datalist
-from monai_mtl.io import atomic_write_text
+from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def regrid_subjects(
     Raises:
         CohortError: the cohort was not made by the generator (no ``cohort.json``), or an id is not one of its.
     """
-    from monai_mtl.synthetic import COHORT_JSON, config_from_dict, nifti_image, render_subject
+    from monai_mtl.synthetic import COHORT_JSON, config_from_dict, render_subject
 
     dataset_dir = Path(dataset_dir)
     meta_path = dataset_dir / COHORT_JSON
@@ -214,7 +214,7 @@ def artifact_sweep(
         table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae"])
         output_dir.mkdir(parents=True, exist_ok=True)
         robustness_figure(table, output_dir / "robustness.png")
-        atomic_write_text(output_dir / "robustness.csv", table.to_csv(index=False, float_format="%.6g"))
+        atomic_write_csv(output_dir / "robustness.csv", table)
     logger.info("robustness table -> %s", output_dir / "robustness.csv")
     return table
 
@@ -263,7 +263,7 @@ def leave_site_out(
             "mae_ratio": out["severity_mae"] / max(inside["severity_mae"], 1e-9),
         })
     table = pd.DataFrame(rows)
-    atomic_write_text(output_dir / "leave_site_out.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_csv(output_dir / "leave_site_out.csv", table)
     atomic_write_text(output_dir / "leave_site_out.md", table.to_markdown(index=False, floatfmt=".4g") + "\n")
     logger.info("leave-one-site-out -> %s\n%s", output_dir / "leave_site_out.md", table.to_string(index=False))
     return table

@@ -18,7 +18,16 @@ from monai_mtl.errors import ConfigError, RunError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+
+def bundle_dir() -> Path:
+    """The MONAI bundle folder: the copy a non-editable install ships inside the package, else the repository's."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "bundle"
+    return shipped if (shipped / "configs" / "train.json").is_file() else package.parent / "bundle"
+
+
+CONFIG_DIR = bundle_dir() / "configs"
 DEFAULT_CONFIG = str(CONFIG_DIR / "train.json")
 
 
@@ -97,4 +106,4 @@ def _run_child(command: Sequence[str], output_dir: Path) -> None:
         raise RunError(f"the run in {output_dir} failed: {last}")
 
 
-__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "training_command", "run_training"]
+__all__ = ["bundle_dir", "CONFIG_DIR", "DEFAULT_CONFIG", "training_command", "run_training"]

@@ -37,6 +37,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE, __version__
+from monai_mtl.io import nifti_image
 
 logger = logging.getLogger(__name__)
 
@@ -466,15 +467,6 @@ def render_atlas(config: CohortConfig) -> np.ndarray:
     """Region labels of the template anatomy (severity 0, no nuisance) on the cohort's grid, uint8."""
     weights, _ = render_layers(config, grid_world(config).astype(np.float32), response=1, severity=0.0)
     return weights.argmax(axis=0).astype(np.uint8)
-
-
-def nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A NIfTI-1 image with sform and qform set to ``affine`` (scanner RAS, mm)."""
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units(xyz="mm", t="sec")
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    return image
 
 
 def _write_subject(args: tuple[CohortConfig, int, str, tuple[SiteAcquisition, ...]]) -> dict:

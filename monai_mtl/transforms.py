@@ -29,7 +29,7 @@ from monai.transforms import (
 )
 
 from monai_mtl import SEVERITY_SCALE
-from monai_mtl.cohort import check_stored_size, check_volume, not_3d_error
+from monai_mtl.images import check_stored_size, check_volume, not_3d_error
 
 #: ``zscore_minmax``: the paper's z-score per volume, then min-max to [0, 1]; ``zscore``: z-score only.
 INTENSITY_NORMALIZATIONS = ("zscore_minmax", "zscore")

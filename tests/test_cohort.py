@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_mtl.cohort import CohortError, check_image, prepare_datalists, read_labels
+from monai_mtl.cohort import CohortError, prepare_datalists, read_labels
+from monai_mtl.images import check_image
 
 
 @pytest.fixture

@@ -76,11 +76,11 @@ def test_empty_test_part_is_refused_and_writes_nothing(trained_run, tmp_path):
     from monai.data import DataLoader, Dataset
 
     from monai_mtl.engines import MultiTaskEvaluator
-    from monai_mtl.evaluation import evaluate_run
+    from monai_mtl.evaluation import evaluate_checkpoint
     from monai_mtl.networks import DualPathNet
 
     network = DualPathNet(dropout=0.1)
     evaluator = MultiTaskEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset([]), batch_size=4), network=network)
     with pytest.raises(ValueError, match="the evaluation data is empty"):
-        evaluate_run(evaluator, network, trained_run / "model.pt", tmp_path / "out")
+        evaluate_checkpoint(evaluator, network, trained_run / "model.pt", tmp_path / "out", prefix="", figures=True)
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()

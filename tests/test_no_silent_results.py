@@ -23,7 +23,8 @@ import torch
 from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG, run_bundle
 
 from monai_mtl.__main__ import main
-from monai_mtl.cohort import check_image, prepare_datalists
+from monai_mtl.cohort import prepare_datalists
+from monai_mtl.images import check_image
 from monai_mtl.errors import CheckpointError, CohortError, ConfigError, OutputError, RunLockError, project_error
 from monai_mtl.run_folder import LOCK_FILE, SETTINGS_FILE
 
