@@ -267,19 +267,20 @@ def _add_results(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--root", default=".", help="folder holding runs/train, runs/cv and runs/baselines/<kind>")
     p.add_argument("--output", default="docs/results/results_table.md", help="markdown file to write")
-    p.add_argument("--readme", default=None, help="also replace the results block of this README")
+    p.add_argument("--readme", default=None, help="also replace the generated blocks of this README")
+    p.add_argument("--bundle", default=None,
+                   help="also write the results block of BUNDLE/docs/README.md and eval_metrics of BUNDLE/configs/metadata.json")
     p.set_defaults(func=_run_results)
 
 
 def _run_results(args: argparse.Namespace) -> int:
     from monai_mtl.io import atomic_write_text
-    from monai_mtl.report import results_table, update_readme
+    from monai_mtl.report import write_all
 
-    section = results_table(args.root)
+    section = write_all(args.root, args.readme, args.bundle)
     atomic_write_text(args.output, section)
-    if args.readme:
-        update_readme(args.readme, section)
-    logging.getLogger(__name__).info("results table -> %s%s", args.output, f" and {args.readme}" if args.readme else "")
+    also = [a for a in (args.readme, args.bundle) if a]
+    logging.getLogger(__name__).info("results table -> %s%s", args.output, f" and {', '.join(also)}" if also else "")
     return 0
 
 

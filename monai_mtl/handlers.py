@@ -1,9 +1,10 @@
 """Ignite/MONAI event handlers for multi-task training: gradient clipping, learning-rate and image logging,
 and which handlers a process of a distributed run attaches.
 
-Bundle configs group an engine's handlers by name (``train#handlers#validation``, ...) and hand them
-to the engine through :func:`handlers_for_rank`, which knows in Python which of them only rank 0
-may run: those that write files or logs. A handler added to the group is attached by every rank
+Bundle configs group an engine's handlers by name (``train#named_handlers#validation``, ...) and
+hand them to the engine through :func:`handlers_for_rank`, which knows in Python which of them only
+rank 0 may run: those that write files or logs. (The group is not called ``train#handlers``: MONAI's
+``ConfigWorkflow.check_properties`` iterates that ID as a list of components, and fails on a mapping.) A handler added to the group is attached by every rank
 unless it reports or writes, so inserting one cannot silently make every rank write checkpoints or
 drop a rank's learning-rate or early-stopping step (as list positions in a config could).
 """

@@ -1,9 +1,13 @@
-"""The README "Results" table, generated from the runs' JSON outputs and TensorBoard logs (never typed by hand).
+"""Every published figure, generated from the runs' outputs and TensorBoard logs (never typed by hand).
 
 ``python -m monai_mtl results`` reads the reference training run, the cross-validation summary and
 the baselines' ``test_metrics.json``, and writes a markdown table (paper vs ours vs each baseline)
 with each row's command, seed, epochs and training wall time. With ``--readme README.md`` it
-replaces the block between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+replaces the generated blocks of the README (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``):
+``results`` (that table), ``robustness`` (the artifact sweep of the default model beside the paper
+preset) and ``leave-site-out``; a block whose runs are missing is left as it is. With ``--bundle
+bundle`` it also writes the ``results`` block of ``bundle/docs/README.md`` and the ``eval_metrics``
+of ``bundle/configs/metadata.json``.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from monai_mtl.io import atomic_write_text
+from monai_mtl.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PAPER_PRESET_COMMAND = (
+    "`python -m monai.bundle run training --config_file \"['bundle/configs/train.json','bundle/configs/paper.json']\" "
+    "--output_dir runs/paper_preset`"
+)
 
 # the paper's reported figures (SPEC / paper: test accuracy 100%, MAE 8.03; 5-fold CV > 99%, MAE 7.9-8.4)
 PAPER_ROW = ("paper (de Filippis & Al Foysal 2025), dual-path 3D CNN", "—", "100%", "8.03", "> 99%", "7.9–8.4", "—", "—")
@@ -41,6 +50,7 @@ class Row:
 DEFAULT_ROWS = (
     Row("**ours**: `DualPathNet` multi-task", "runs/train",
         "`python -m monai.bundle run training --config_file bundle/configs/train.json`"),
+    Row("ours with the paper's preprocessing and augmentation (`paper.json`)", "runs/paper_preset", PAPER_PRESET_COMMAND),
     Row("single-task CNN, response only (same encoder)", "runs/baselines/single-task-response",
         "`python -m monai_mtl baseline --kind single-task-response`", ("response",)),
     Row("single-task CNN, severity only (same encoder)", "runs/baselines/single-task-severity",
@@ -82,9 +92,9 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
         logger.warning("%s: no %s, row left out", row.label, metrics_file)
         return None
     metrics = json.loads(metrics_file.read_text())
-    # the evaluate workflow's metrics.json adds bootstrap intervals for the same checkpoint and test part
+    # runs of older versions have bootstrap intervals only in the evaluate workflow's metrics.json
     evaluated = run_dir / "metrics.json"
-    interval = json.loads(evaluated.read_text()).get("bootstrap_95", {}) if evaluated.is_file() else {}
+    interval = metrics.get("bootstrap_95") or (json.loads(evaluated.read_text()).get("bootstrap_95", {}) if evaluated.is_file() else {})
     accuracy = f"{100 * metrics['accuracy']:.1f}%"
     mae = f"{metrics['severity_mae']:.2f}"
     if "severity_mae" in interval:
@@ -99,12 +109,28 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
     return (row.label, row.command, accuracy, mae, "—", "—", epochs, _minutes(timing.get("wall_seconds")))
 
 
-def _cv_cells(cv_dir: Path) -> tuple[str, str, str] | None:
+def _training_settings(run_dir: Path) -> dict | None:
+    # a run's hyper-parameters (the config's top-level keys, the ones users override) and its epochs, without
+    # the split's own settings, in which a CV fold differs from the reference run by design
+    settings_file = run_dir / "run_settings.json"
+    if not settings_file.is_file():
+        return None
+    settings = json.loads(settings_file.read_text())
+    config = {k: v for k, v in settings.get("config", {}).items() if "#" not in k}
+    for key in ("num_folds", "fold", "test_fraction", "held_out_site"):
+        config.pop(key, None)
+    return {**config, "max_epochs": settings.get("max_epochs")}
+
+
+def _cv_cells(cv_dir: Path, reference: Path | None = None) -> tuple[str, str, str] | None:
     summary_file = cv_dir / "cv_summary.json"
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
     folds = [cv_dir / f"fold_{i}" for i in range(summary["num_folds"])]
+    if reference is not None and _training_settings(folds[0]) != _training_settings(reference):
+        logger.warning("%s was trained with other settings than %s: its CV figures are left out", cv_dir, reference)
+        return None
     wall = sum(run_timing(f).get("wall_seconds") or 0.0 for f in folds)
     accuracy = f"{100 * summary['accuracy']['mean']:.1f}% ± {100 * summary['accuracy']['std']:.1f}"
     mae = f"{summary['severity_mae']['mean']:.2f} ± {summary['severity_mae']['std']:.2f}"
@@ -120,7 +146,7 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         "|---|---|---|---|---|---|---|---|",
         "| " + " | ".join(PAPER_ROW) + " |",
     ]
-    cv = _cv_cells(root / cv_dir)
+    cv = _cv_cells(root / cv_dir, root / rows[0].run_dir)
     for i, row in enumerate(rows):
         cells = _model_row(row, root)
         if cells is None:
@@ -142,15 +168,112 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
+def _percent_and_mae(accuracy: float, mae: float) -> str:
+    return f"{100 * accuracy:.1f}% / {mae:.2f}"
+
+
+ROBUSTNESS_RUNS = (("`paper` preset", "runs/paper_preset"), ("default (`robust`)", "runs/train"))
+
+
+def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS) -> str | None:
+    """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``)."""
+    tables = {}
+    for label, run_dir in runs:
+        path = Path(root) / run_dir / "robustness" / "robustness.csv"
+        if path.is_file():
+            table = pd.read_csv(path, dtype={"strength": str}, keep_default_na=False)
+            tables[label] = {(r.kind, r.strength): _percent_and_mae(r.accuracy, r.severity_mae) for r in table.itertuples()}
+    if not tables:
+        return None
+    keys = list(dict.fromkeys(k for cells in tables.values() for k in cells))
+    lines = [
+        "| artifact | strength | " + " | ".join(f"{label}: accuracy / MAE" for label in tables) + " |",
+        "|---|---|" + "---|" * len(tables),
+    ]
+    for kind, strength in keys:
+        cells = [tables[label].get((kind, strength), "—") for label in tables]
+        lines.append(f"| {kind.replace('_', ' ')} | {strength or '—'} | " + " | ".join(cells) + " |")
+    sources = ", ".join(f"`{run_dir}/robustness/robustness.csv`" for _, run_dir in runs)
+    return f"Generated by `python -m monai_mtl results --readme README.md` from {sources}.\n\n" + "\n".join(lines) + "\n"
+
+
+LEAVE_SITE_OUT_RUNS = (("`robust`", "runs/loso_robust"), ("`paper`", "runs/loso_paper"))
+
+
+def leave_site_out_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = LEAVE_SITE_OUT_RUNS) -> str | None:
+    """Held-out vs within-site-CV accuracy / MAE per site, for each run of ``robustness --leave-site-out``."""
+    tables = {label: pd.read_csv(Path(root) / d / "leave_site_out.csv") for label, d in runs
+              if (Path(root) / d / "leave_site_out.csv").is_file()}
+    if not tables:
+        return None
+    header = "| held-out site | n | " + " | ".join(
+        f"{label}: held out | {label}: within-site CV | MAE ratio" for label in tables) + " |"
+    lines = [header, "|---|---|" + "---|---|---|" * len(tables)]
+    first = next(iter(tables.values()))
+    for i, site in enumerate(first["site"]):
+        cells = []
+        for table in tables.values():
+            r = table.iloc[i]
+            cells += [_percent_and_mae(r.held_out_accuracy, r.held_out_severity_mae),
+                      _percent_and_mae(r.within_site_cv_accuracy, r.within_site_cv_severity_mae), f"{r.mae_ratio:.2f}"]
+        lines.append(f"| {site} | {first['n'].iloc[i]} | " + " | ".join(cells) + " |")
+    sources = ", ".join(f"`{d}/leave_site_out.csv`" for _, d in runs)
+    return f"Generated by `python -m monai_mtl results --readme README.md` from {sources}.\n\n" + "\n".join(lines) + "\n"
+
+
+def update_block(document: str | os.PathLike, section: str, name: str = "results") -> Path:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``document`` with ``section``."""
+    document = Path(document)
+    text = document.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{document} has no '{start}' ... '{end}' block to replace")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    return atomic_write_text(document, f"{before}{start}\n{section}{end}{after}")
+
+
 def update_readme(readme: str | os.PathLike, section: str) -> Path:
-    """Replace the text between the results markers of ``readme`` with ``section``."""
-    readme = Path(readme)
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' block to replace")
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    return atomic_write_text(readme, f"{before}{START}\n{section}{END}{after}")
+    """Replace the ``results`` block of ``readme`` with ``section``."""
+    return update_block(readme, section, "results")
 
 
-__all__ = ["Row", "DEFAULT_ROWS", "run_timing", "results_table", "update_readme"]
+def update_bundle_metadata(metadata: str | os.PathLike, root: str | os.PathLike = ".", run_dir: str = DEFAULT_ROWS[0].run_dir,
+                           cv_dir: str = "runs/cv") -> Path | None:
+    """Write the reference run's test figures (and its CV's, when made with the same settings) as ``eval_metrics``."""
+    metrics_file = Path(root) / run_dir / "test_metrics.json"
+    if not metrics_file.is_file():
+        logger.warning("no %s: %s left as it is", metrics_file, metadata)
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    figures = {"test_accuracy": round(metrics["accuracy"], 4), "test_severity_mae": round(metrics["severity_mae"], 2)}
+    summary_file = Path(root) / cv_dir / "cv_summary.json"
+    if _cv_cells(Path(root) / cv_dir, Path(root) / run_dir) is not None:
+        summary = json.loads(summary_file.read_text())
+        figures.update(cv_accuracy_mean=round(summary["accuracy"]["mean"], 4),
+                       cv_severity_mae_mean=round(summary["severity_mae"]["mean"], 2))
+    data = json.loads(Path(metadata).read_text())
+    data["eval_metrics"] = figures
+    return atomic_write_json(metadata, data)
+
+
+def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None) -> str:
+    """The results table; with ``readme`` every generated block of it, with ``bundle`` its docs and metadata."""
+    section = results_table(root)
+    if readme:
+        update_block(readme, section, "results")
+        for name, block in (("robustness", robustness_table(root)), ("leave-site-out", leave_site_out_table(root))):
+            if block is None:
+                logger.warning("no runs for the %s block of %s: left as it is", name, readme)
+            elif f"<!-- {name}:start -->" in Path(readme).read_text():
+                update_block(readme, block, name)
+    if bundle:
+        update_block(Path(bundle) / "docs" / "README.md", section, "results")
+        update_bundle_metadata(Path(bundle) / "configs" / "metadata.json", root)
+    return section
+
+
+__all__ = [
+    "Row", "DEFAULT_ROWS", "run_timing", "results_table", "robustness_table", "leave_site_out_table", "update_block",
+    "update_readme", "update_bundle_metadata", "write_all",
+]

@@ -37,6 +37,7 @@ def test_baseline_refuses_a_split_of_another_cohort(trained_run, tiny_cohort, tm
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_single_task_baseline_trains_on_the_same_split_with_one_path(trained_run, train_cohort, tmp_path):
     out = tmp_path / "single"
     assert main(["baseline", "--kind", "single-task-severity", "--dataset-dir", str(train_cohort),

@@ -57,6 +57,7 @@ def test_summary_names_a_missing_fold(tmp_path):
         summarize(tmp_path, 2)
 
 
+@pytest.mark.slow
 def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path):
     out = tmp_path / "cv"
     args = ["cv", "--folds", "2", "--dataset-dir", str(train_cohort), "--output-dir", str(out), "--max-epochs", "1",

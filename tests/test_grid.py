@@ -18,6 +18,7 @@ def test_paper_grid_has_36_points_in_a_fixed_order():
     assert {k: sorted({p[k] for p in points}) for k in PAPER_GRID} == {k: sorted(v) for k, v in PAPER_GRID.items()}
 
 
+@pytest.mark.slow
 def test_one_trial_runs_and_is_ranked_by_validation_loss(train_cohort, tmp_path):
     out = tmp_path / "grid"
     args = ["grid", "--dataset-dir", str(train_cohort), "--output-dir", str(out), "--max-epochs", "2",

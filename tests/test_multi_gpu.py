@@ -37,6 +37,7 @@ def _single_process_scores(checkpoint, cohort, subject_ids):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(train_cohort, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

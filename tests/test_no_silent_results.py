@@ -65,6 +65,7 @@ def test_resume_on_another_cohort_with_the_same_labels_is_refused(run_copy, trai
     assert "differs from the one the run was trained on" in message
 
 
+@pytest.mark.slow
 def test_resume_may_extend_the_epochs(run_copy, train_cohort, caplog):
     with caplog.at_level("INFO"):
         _train(train_cohort, run_copy, max_epochs=3)
@@ -78,6 +79,7 @@ def test_a_batch_larger_than_the_training_part_is_refused(train_cohort, tmp_path
     assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "test_metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_fresh_start_removes_old_events_and_outputs(run_copy, train_cohort):
     from monai_mtl.evaluation import read_scalars
 
@@ -99,6 +101,7 @@ HOLD_LOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_taken_over(train_cohort, tmp_path, caplog):
     output = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -162,6 +165,7 @@ def test_a_misspelt_override_is_refused_with_the_nearest_key(train_cohort, tmp_p
 
 # --- cv reuses only what matches -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cv_refuses_finished_folds_of_other_settings_and_overwrites_on_request(train_cohort, tmp_path, capsys):
     out = tmp_path / "cv"
     args = ["cv", "--folds", "2", "--dataset-dir", str(train_cohort), "--output-dir", str(out),
@@ -233,20 +237,21 @@ def test_inference_answers_every_listed_or_found_input(trained_run, train_cohort
 
 
 def test_a_failed_nifti_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    from monai_mtl import inference
+    from monai_mtl.io import atomic_write_nifti
 
     def half_then_fail(image, path):
         Path(path).write_bytes(b"half a NIfTI")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(inference.nib, "save", half_then_fail)
+    monkeypatch.setattr(nib, "save", half_then_fail)
     with pytest.raises(OutputError, match="could not write .*scan_response.nii.gz: No space left on device"):
-        inference._save_nifti_atomic(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / "scan_response.nii.gz")
+        atomic_write_nifti(tmp_path / "scan_response.nii.gz", nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)))
     assert list(tmp_path.iterdir()) == []
 
 
 # --- one-line errors and checkpoint errors -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_bundle_run_ends_with_one_clear_line(train_cohort, tmp_path):
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
                "--dataset_dir", str(train_cohort), "--output_dir", str(tmp_path / "run"), "--max_epoch", "2"]
@@ -292,6 +297,7 @@ FILE_SIZE_LIMIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_real_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(path)], capture_output=True, text=True)

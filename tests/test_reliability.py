@@ -52,6 +52,7 @@ def _epoch_scalars(run: Path, tag: str) -> dict[int, float]:
     return dict(read_scalars(run / "tensorboard")[tag])
 
 
+@pytest.mark.slow
 def test_training_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run(train_cohort, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_train_command(train_cohort, reference), check=True, capture_output=True)
@@ -82,6 +83,7 @@ def test_training_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run
     assert have == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_retrained_and_fresh_start_is_explicit(run_copy, train_cohort, caplog):
     run = run_copy
     state_before = (run / "training_state.pt").read_bytes()
@@ -153,6 +155,7 @@ def test_unwritable_output_dir_is_a_clear_error(train_cohort, tmp_path):
     assert re.search(r"output_dir .*a_file/run is not writable: Not a directory", str(error))
 
 
+@pytest.mark.slow
 def test_write_failure_midway_through_training_keeps_the_last_good_checkpoint(run_copy, train_cohort, monkeypatch):
     run = run_copy
     model_before = (run / "model.pt").read_bytes()
@@ -172,6 +175,7 @@ def test_write_failure_midway_through_training_keeps_the_last_good_checkpoint(ru
     assert not [p for p in run.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_split_and_metrics(train_cohort, tmp_path):
     results = []
     for name in ("a", "b"):

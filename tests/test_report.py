@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from monai_mtl.__main__ import main
 from monai_mtl.report import END, START
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _metrics(path, accuracy, mae):
@@ -22,13 +26,21 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     ours = json.loads((runs / "train" / "test_metrics.json").read_text())
     _metrics(runs / "baselines" / "single-task-response", 0.875, 12.0)
     _metrics(runs / "baselines" / "class-median", 1.0, 8.51)
-    (runs / "cv").mkdir()
+    (runs / "cv" / "fold_0").mkdir(parents=True)
     (runs / "cv" / "cv_summary.json").write_text(json.dumps({
         "num_folds": 2, "accuracy": {"mean": 0.995, "std": 0.005}, "severity_mae": {"mean": 3.5, "std": 0.25}}))
+    settings = json.loads((runs / "train" / "run_settings.json").read_text())
+    settings["config"].update(num_folds=2, fold=0)  # a fold differs from the reference run in its split only
+    (runs / "cv" / "fold_0" / "run_settings.json").write_text(json.dumps(settings))
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
+    (bundle / "docs").mkdir()
+    (bundle / "docs" / "README.md").write_text(f"# bundle\n{START}\ntyped by hand\n{END}\n")
 
-    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme)]) == 0
+    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme),
+                 "--bundle", str(bundle)]) == 0
     table = (tmp_path / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| paper") and "8.03" in rows[1]
@@ -39,6 +51,37 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     assert len(rows) == 5  # rows without outputs (ResNet-18, ...) are left out, not invented
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
+    assert table in (bundle / "docs" / "README.md").read_text()
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["eval_metrics"] == {
+        "test_accuracy": round(ours["accuracy"], 4), "test_severity_mae": round(ours["severity_mae"], 2),
+        "cv_accuracy_mean": 0.995, "cv_severity_mae_mean": 3.5,
+    }
+
+    # a CV made with other hyper-parameters is not shown as the reference model's
+    settings["config"]["learning_rate"] = 0.1
+    (runs / "cv" / "fold_0" / "run_settings.json").write_text(json.dumps(settings))
+    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md")]) == 0
+    assert "99.5% ± 0.5" not in (tmp_path / "table.md").read_text()
+
+
+def test_robustness_and_leave_site_out_blocks(tmp_path):
+    runs = tmp_path / "runs"
+    for run, accuracy in (("train", 0.99), ("paper_preset", 0.5)):
+        (runs / run / "robustness").mkdir(parents=True)
+        pd.DataFrame({"kind": ["clean", "grid"], "strength": ["", "80x72x24"], "n": [9, 9], "accuracy": [1.0, accuracy],
+                      "severity_mae": [3.0, 4.25]}).to_csv(runs / run / "robustness" / "robustness.csv", index=False)
+    (runs / "loso_robust").mkdir()
+    pd.DataFrame({"site": [0, 1], "n": [5, 4], "held_out_accuracy": [0.8, 0.75], "held_out_severity_mae": [6.0, 8.0],
+                  "within_site_cv_accuracy": [1.0, 1.0], "within_site_cv_severity_mae": [3.0, 4.0], "mae_ratio": [2.0, 2.0]}
+                 ).to_csv(runs / "loso_robust" / "leave_site_out.csv", index=False)
+    readme = tmp_path / "README.md"
+    blocks = "".join(f"<!-- {n}:start -->\nold\n<!-- {n}:end -->\n" for n in ("results", "robustness", "leave-site-out"))
+    readme.write_text(blocks)
+    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "t.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| grid | 80x72x24 | 50.0% / 4.25 | 99.0% / 4.25 |" in text and "| clean | — | 100.0% / 3.00 | 100.0% / 3.00 |" in text
+    assert "| 0 | 5 | 80.0% / 6.00 | 100.0% / 3.00 | 2.00 |" in text and "\nold\n" not in text
 
 
 def test_readme_without_markers_is_an_error(tmp_path, capsys):

@@ -62,6 +62,7 @@ def run_48(train_cohort, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_inference_honours_a_checkpoint_trained_on_another_grid_without_any_flag(run_48, train_cohort, tmp_path):
     out = tmp_path / "inference"
     run_bundle("run", INFER_CONFIG, dataset_dir=str(train_cohort / "images"), output_dir=str(out),
@@ -147,6 +148,7 @@ def test_held_out_site_is_the_test_part(tmp_path):
         stratified_split(table, held_out_site=7)
 
 
+@pytest.mark.slow
 def test_robust_augmentation_preset_is_monai_transforms_and_trains(train_cohort, tmp_path):
     names = [type(t).__name__ for t in augmentation_transforms("robust")]
     assert names == ["RandBiasFieldd", "RandAdjustContrastd", "RandGibbsNoised", "RandRicianNoised",
@@ -160,6 +162,7 @@ def test_robust_augmentation_preset_is_monai_transforms_and_trains(train_cohort,
     assert json.loads((out / "test_metrics.json").read_text())["n"] > 0
 
 
+@pytest.mark.slow
 def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohort, tmp_path):
     out = tmp_path / "robustness"
     assert main(["robustness", "--run", str(trained_run), "--dataset-dir", str(train_cohort), "--output-dir", str(out),
@@ -185,6 +188,7 @@ def test_regridded_subjects_keep_labels_and_a_trained_model_agrees_across_grids(
     assert (native["pred_severity"] - finer["pred_severity"]).abs().max() < 3.0
 
 
+@pytest.mark.slow
 def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path):
     cohort = tmp_path / "two_sites"
     generate_cohort(cohort, CohortConfig(num_samples=48, seed=9), workers=2, progress=False, sites=2)

@@ -40,15 +40,30 @@ def test_training_run_writes_checkpoint_split_metrics_and_events(trained_run, tr
     assert sum(len(p) for p in parts) == len(set().union(*parts)) == len(labels)  # disjoint, and covers the cohort
 
     metrics = json.loads((trained_run / "test_metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["severity_mae"] <= 100.0
     assert metrics["n"] == len(split["test"])
     assert set(metrics["per_class"]) == {"non_responder", "partial_responder", "responder"}
     assert np.asarray(metrics["confusion_matrix"]).sum() == len(split["test"])
 
+    # the metrics are those of the written predictions, whose labels are the cohort's
     predictions = pd.read_csv(trained_run / "test_predictions.csv")
     assert sorted(predictions["subject_id"]) == sorted(split["test"])
+    truth = labels.set_index("subject_id").loc[predictions["subject_id"]]
+    assert predictions["true_response"].tolist() == truth["response"].tolist()
+    np.testing.assert_allclose(predictions["true_severity"], truth["severity"], atol=1e-4)
+    assert (predictions["pred_response"] == predictions["true_response"]).mean() == pytest.approx(metrics["accuracy"])
     recomputed = (predictions["true_severity"] - predictions["pred_severity"]).abs().mean()
     assert recomputed == pytest.approx(metrics["severity_mae"], rel=1e-4)
+    low, high = metrics["bootstrap_95"]["severity_mae"]
+    assert low <= metrics["severity_mae"] <= high
+
+    # model.pt is the epoch of the best validation score, and knows the split it was selected on
+    from monai_mtl.checkpoints import read_run_metadata
+    from monai_mtl.evaluation import read_scalars
+
+    stored = read_run_metadata(trained_run / "model.pt")
+    scores = dict(read_scalars(trained_run / "tensorboard")["val_score"])
+    assert stored["epoch"] == max(scores, key=scores.get) and stored["metric"] == pytest.approx(max(scores.values()))
+    assert stored["split"] == {k: split[k] for k in SPLIT_KEYS}
 
     scalars, images = _scalars(trained_run)
     expected = {
@@ -146,6 +161,7 @@ def test_split_is_stratified_and_disjoint():
         np.testing.assert_allclose(share, overall, atol=0.04)
 
 
+@pytest.mark.slow
 def test_a_cohort_of_another_shape_spacing_orientation_and_dtype_trains(tmp_path):
     """48 x 40 x 20 voxels at 3.3 x 4.8 x 6.4 mm, int16, stored in LPS: the defaults bring it to the model's grid."""
     source = tmp_path / "source"
