@@ -1,4 +1,4 @@
-"""Command line: ``python -m monai_mtl {generate,montage} ...`` (also installed as ``monai-mtl``)."""
+"""Command line: ``python -m monai_mtl {generate,montage,cv,baseline,grid,robustness,trust,results} ...`` (also installed as ``monai-mtl``)."""
 
 from __future__ import annotations
 
@@ -252,6 +252,32 @@ def _run_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trust(subparsers: argparse._SubParsersAction) -> None:
+    from monai_mtl.trust import OOD_KINDS
+
+    p = subparsers.add_parser(
+        "trust",
+        help="how well a run's out-of-distribution flag separates its test scans from scans it should refuse",
+        description="The run's best checkpoint (calibrated: temperature, conformal thresholds, OOD score) on its test "
+        "part and on made-up scans of each kind -> ood.csv (AUROC of the OOD score, fraction flagged) and "
+        "ood_scores.csv. Kinds: " + "; ".join(f"{k}: {v}" for k, v in OOD_KINDS.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--run", default="runs/train", help="training run folder (model.pt, split.json)")
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--output-dir", default=None, help="where to write (default: <run>/trust)")
+    p.add_argument("--per-kind", type=int, default=40, help="scans of each made-up kind")
+    p.add_argument("--seed", type=int, default=0, help="seed of the made-up scans")
+    p.set_defaults(func=_run_trust)
+
+
+def _run_trust(args: argparse.Namespace) -> int:
+    from monai_mtl.trust import ood_report
+
+    ood_report(args.run, args.dataset_dir, args.output_dir, args.per_kind, args.seed)
+    return 0
+
+
 def _grid(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -300,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_baseline(subparsers)
     _add_grid(subparsers)
     _add_robustness(subparsers)
+    _add_trust(subparsers)
     _add_results(subparsers)
     return parser
 

@@ -27,6 +27,11 @@ from monai_mtl.runs import DEFAULT_CONFIG, run_training
 logger = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "severity_mae", "severity_rmse", "severity_r2")
+#: trust metrics of calibrated folds (``test_metrics.json`` key ``trust``, see :func:`monai_mtl.trust.trust_report`)
+TRUST_METRICS = (
+    "ece_before", "ece_after", "severity_coverage", "severity_mean_width", "class_set_coverage", "class_mean_set_size",
+    "ood_flagged_fraction",
+)
 
 
 def fold_dir(output_dir: str | os.PathLike, fold: int) -> Path:
@@ -112,19 +117,22 @@ def summarize(
             check_no_leakage(checkpoint, tested.tolist(), allow_overlap)
         else:
             logger.warning("fold %d: no test_predictions.csv or model.pt, cannot check it for leakage", fold)
-        rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}})
+        trust = {k: metrics.get("trust", {}).get(k) for k in TRUST_METRICS if k in metrics.get("trust", {})}
+        rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}, **trust})
     folds = pd.DataFrame(rows)
+    # coverage, interval width, set size... of folds whose checkpoints were calibrated (monai_mtl.trust)
+    summarized = [*SUMMARY_METRICS, *(k for k in TRUST_METRICS if k in folds and folds[k].notna().all())]
     summary = {
         "num_folds": num_folds,
         "n": int(folds["n"].sum()),
         **{k: {"mean": float(folds[k].mean()), "std": float(folds[k].std(ddof=1)) if num_folds > 1 else 0.0,
-               "min": float(folds[k].min()), "max": float(folds[k].max())} for k in SUMMARY_METRICS},
+               "min": float(folds[k].min()), "max": float(folds[k].max())} for k in summarized},
     }
     atomic_write_csv(output_dir / "cv_folds.csv", folds)
     atomic_write_json(output_dir / "cv_summary.json", summary)
     lines = ["| metric | mean ± std | min | max |", "|---|---|---|---|"]
     lines += [f"| {k} | {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f} | {summary[k]['min']:.4f} | {summary[k]['max']:.4f} |"
-              for k in SUMMARY_METRICS]
+              for k in summarized]
     atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
     logger.info("cross-validation (%d folds): accuracy %.4f ± %.4f, severity MAE %.2f ± %.2f", num_folds,
                 summary["accuracy"]["mean"], summary["accuracy"]["std"],

@@ -17,18 +17,26 @@ from monai_mtl.handlers import is_rank_zero
 from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.metrics import prediction_report
 from monai_mtl.networks import network_config
-from monai_mtl.outputs import decode_output, prediction_table
+from monai_mtl.outputs import decode_output, prediction_table, split_output
+from monai_mtl.trust import FeatureRecorder, annotate, read_trust, trust_report
 
 logger = logging.getLogger(__name__)
 
 
 class PredictionCollector:
-    """Collect network outputs, targets and subject ids of every iteration of an (undecollated) evaluator."""
+    """Collect network outputs, targets and subject ids of every iteration of an (undecollated) evaluator.
 
-    def __init__(self) -> None:
+    With ``trust`` (a checkpoint's :class:`~monai_mtl.trust.TrustSettings`) it also keeps each batch's
+    OOD features (from ``recorder``, hooked by :func:`predict`), and its table has calibrated
+    probabilities and the trust columns.
+    """
+
+    def __init__(self, trust=None) -> None:
+        self.trust, self.recorder = trust, None
         self.outputs: list[torch.Tensor] = []
         self.responses: list[torch.Tensor] = []
         self.severities: list[torch.Tensor] = []
+        self.features: list[torch.Tensor] = []
         self.subject_ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -36,34 +44,88 @@ class PredictionCollector:
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        self.outputs.append(output["pred"].detach().float().cpu())
+        pred = output["pred"]
+        self.outputs.append((pred.as_tensor() if hasattr(pred, "as_tensor") else pred).detach().float().cpu())
         self.responses.append(output["label"]["response"].detach().cpu())
         self.severities.append(output["label"]["severity"].detach().float().cpu())
+        if self.recorder is not None and self.recorder.last is not None:
+            self.features.append(self.recorder.last)
         ids = engine.state.batch.get("subject_id") if isinstance(engine.state.batch, dict) else None
         n = len(self.outputs[-1])
         self.subject_ids.extend(list(ids) if ids is not None else [""] * n)
 
+    def raw_logits(self) -> torch.Tensor:
+        """The response logits before any temperature."""
+        return split_output(torch.cat(self.outputs))[0]
+
     def table(self) -> pd.DataFrame:
-        """One row per subject: ids, true/predicted class (index and name), class probabilities, severities on 0-100."""
-        probabilities, pred_severity = decode_output(torch.cat(self.outputs))
-        return prediction_table(
+        """One row per subject: ids, true/predicted class (index and name), class probabilities, severities on 0-100.
+
+        With trust settings: calibrated probabilities and :data:`~monai_mtl.trust.TRUST_COLUMNS`.
+        """
+        temperature = self.trust.temperature if self.trust is not None else 1.0
+        probabilities, pred_severity = decode_output(torch.cat(self.outputs), temperature)
+        table = prediction_table(
             probabilities, pred_severity, {"subject_id": self.subject_ids},
             true_response=torch.cat(self.responses).numpy(),
             true_severity=torch.cat(self.severities).numpy() * SEVERITY_SCALE,
         )
+        if self.trust is None:
+            return table
+        features = torch.cat(self.features).numpy() if self.features else None
+        return annotate(table, features, self.trust)
 
 
-def predict(evaluator: Engine) -> pd.DataFrame:
-    """Run ``evaluator`` once over its data and return :meth:`PredictionCollector.table`."""
-    collector = PredictionCollector()
+def predict(evaluator: Engine, trust=None, collector: PredictionCollector | None = None) -> pd.DataFrame:
+    """Run ``evaluator`` once over its data and return :meth:`PredictionCollector.table`.
+
+    ``trust``: a checkpoint's :class:`~monai_mtl.trust.TrustSettings`, to add the trust columns.
+    """
+    collector = collector if collector is not None else PredictionCollector(trust)
     handle = evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector)
     try:
-        evaluator.run()
+        if collector.trust is not None:
+            with FeatureRecorder(evaluator.network, collector.trust.ood_layer) as recorder:
+                collector.recorder = recorder
+                evaluator.run()
+        else:
+            evaluator.run()
     finally:
         handle.remove()
+        collector.recorder = None
     if not collector.outputs:
         raise ValueError("the evaluation data is empty: nothing to predict")
     return collector.table()
+
+
+class CheckpointPredictor:
+    """A run's best checkpoint with its stored preprocessing, network and trust settings, ready to predict datalists.
+
+    Used where scans outside a bundle run are predicted with labels: the robustness sweep, the OOD report.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        from monai_mtl.checkpoints import checkpoint_settings
+        from monai_mtl.networks import build_network
+
+        settings = checkpoint_settings(checkpoint)
+        self.preprocessing = settings["preprocessing"]
+        self.network = build_network(settings["network"]).to(device)
+        load_weights(self.network, checkpoint, device)
+        self.trust = read_trust(checkpoint)
+        self.device, self.batch_size = torch.device(device), batch_size
+
+    def predict(self, datalist: list[dict], acquisition=()) -> pd.DataFrame:
+        """:func:`predict` of a labelled datalist through the checkpoint's preprocessing (after ``acquisition`` transforms)."""
+        from monai.data import DataLoader, Dataset
+        from monai.transforms import Compose
+
+        from monai_mtl.engines import MultiTaskEvaluator
+
+        transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
+        loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
+        evaluator = MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
+        return predict(evaluator, self.trust)
 
 
 def report_from_predictions(table: pd.DataFrame) -> dict:
@@ -178,12 +240,16 @@ def evaluate_checkpoint(
         return {}
     load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
     check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
-    table = predict(evaluator)
+    trust = read_trust(checkpoint)
+    collector = PredictionCollector(trust)
+    table = predict(evaluator, collector=collector)
     metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
     metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
+    if trust is not None:
+        metrics["trust"] = trust_report(table, collector.raw_logits(), trust)
     output_dir = Path(output_dir)
     if figures:
-        _write_figures(table, metrics, output_dir, summary_writer)
+        _write_figures(table, metrics, output_dir, summary_writer, collector.raw_logits(), trust)
     name = f"{prefix}_" if prefix else ""
     # predictions first, metrics last: a metrics file only exists once everything before it was written
     atomic_write_csv(output_dir / f"{name}predictions.csv", table)
@@ -196,8 +262,10 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _write_figures(table: pd.DataFrame, metrics: dict, output_dir: Path, summary_writer=None) -> None:
+def _write_figures(table: pd.DataFrame, metrics: dict, output_dir: Path, summary_writer=None,
+                   raw_logits: torch.Tensor | None = None, trust=None) -> None:
     from monai_mtl import figures
+    from monai_mtl.trust import calibrated_probabilities, reliability_bins
 
     written = [
         figures.confusion_matrix_figure(metrics["confusion_matrix"], output_dir / "confusion_matrix.png"),
@@ -206,6 +274,13 @@ def _write_figures(table: pd.DataFrame, metrics: dict, output_dir: Path, summary
             output_dir / "severity_scatter.png", output_dir / "severity_error_histogram.png",
         ),
     ]
+    if trust is not None and raw_logits is not None:
+        labels = table["true_response"].to_numpy()
+        written.append(figures.reliability_diagram(
+            {"before temperature scaling": reliability_bins(calibrated_probabilities(raw_logits), labels),
+             f"after (T = {trust.temperature:.2f})": reliability_bins(calibrated_probabilities(raw_logits, trust.temperature), labels)},
+            output_dir / "reliability_diagram.png",
+        ))
     log_dir = output_dir / "tensorboard"
     if log_dir.is_dir():
         written.append(figures.training_curves(read_scalars(log_dir), output_dir / "training_curves.png"))
@@ -218,6 +293,6 @@ def _write_figures(table: pd.DataFrame, metrics: dict, output_dir: Path, summary
 
 
 __all__ = [
-    "PredictionCollector", "predict", "report_from_predictions", "load_weights", "evaluate_checkpoint",
+    "PredictionCollector", "predict", "CheckpointPredictor", "report_from_predictions", "load_weights", "evaluate_checkpoint",
     "bootstrap_intervals", "read_scalar_events", "read_scalars",
 ]

@@ -105,6 +105,25 @@ def confusion_matrix_figure(matrix: np.ndarray | list, output: str | os.PathLike
     return save_figure(fig, output)
 
 
+def reliability_diagram(curves: dict[str, pd.DataFrame], output: str | os.PathLike) -> Path:
+    """Accuracy against confidence per bin (:func:`monai_mtl.trust.reliability_bins`), one line per curve.
+
+    A calibrated model lies on the diagonal; marker area grows with the number of scans in the bin.
+    """
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
+    for label, bins in curves.items():
+        ax.plot(bins["confidence"], bins["accuracy"], marker="o", lw=1.2, label=label)
+        ax.scatter(bins["confidence"], bins["accuracy"], s=8 + 120 * bins["n"] / max(int(bins["n"].sum()), 1), alpha=0.3)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Reliability of the response probabilities")
+    return save_figure(fig, output)
+
+
 def severity_figures(true: np.ndarray, pred: np.ndarray, scatter: str | os.PathLike, histogram: str | os.PathLike) -> tuple[Path, Path]:
     """Predicted-vs-actual severity scatter with the identity line, and the error histogram (the paper's Figure 4)."""
     true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)

@@ -29,11 +29,14 @@ from monai_mtl.errors import CohortError
 from monai_mtl.images import unreadable_error
 from monai_mtl.io import atomic_write_csv, atomic_write_nifti, nifti_image
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, PROBABILITY_COLUMNS, decode_output, prediction_table, split_output
+from monai_mtl.trust import TRUST_COLUMNS, FeatureRecorder, TrustSettings, annotate
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PREDICTION_COLUMNS = ("image", "pred_response", "pred_response_name", *PROBABILITY_COLUMNS, "pred_severity", "error")
+PREDICTION_COLUMNS = (
+    "image", "pred_response", "pred_response_name", *PROBABILITY_COLUMNS, "pred_severity", *TRUST_COLUMNS, "error",
+)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -261,6 +264,9 @@ class PredictionWriter:
             (``"{head}_head.block"``: each task path's own last block).
         atlas: optional atlas NIfTI (the synthetic cohort's ``atlas.nii.gz``).
         saliency_png: how many inputs get a PNG overlay.
+        trust: the checkpoint's :class:`~monai_mtl.trust.TrustSettings` (:func:`~monai_mtl.trust.read_trust`):
+            calibrated probabilities, a severity interval, a class set and the OOD flag per input; ``None``
+            (a checkpoint without them) leaves those columns empty.
     """
 
     def __init__(
@@ -273,6 +279,7 @@ class PredictionWriter:
         saliency_png: int = 3,
         method: str = "gradcam",
         saliency_samples: int = 8,
+        trust: TrustSettings | None = None,
     ) -> None:
         if method not in SALIENCY_METHODS:
             raise ValueError(f"saliency method must be one of {SALIENCY_METHODS}, got {method!r}")
@@ -287,10 +294,19 @@ class PredictionWriter:
         self.region_names: dict[int, str] = {}
         self._cams: dict[str, GradCAM] = {}
         self._pngs_written = 0
+        self.trust = trust
+        self._recorder: FeatureRecorder | None = None
 
     def attach(self, engine: Engine) -> None:
+        if self.trust is not None:  # MONAI attaches handlers before the engine has its network: hook it on start
+            engine.add_event_handler(Events.STARTED, self._record_features)
+            engine.add_event_handler(Events.TERMINATE, lambda e: self._recorder and self._recorder.__exit__())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _record_features(self, engine: Engine) -> None:
+        # the OOD features of the evaluator's own forward pass, read in _collect before saliency runs the network again
+        self._recorder = FeatureRecorder(engine.network, self.trust.ood_layer).__enter__()
 
     def _collect(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -301,8 +317,11 @@ class PredictionWriter:
         paths = list(image.meta["filename_or_obj"])
         indices = batch.get("input_index")
         indices = [int(i) for i in indices] if indices is not None else [None] * len(paths)
-        probabilities, pred_severity = decode_output(engine.state.output["pred"])
+        temperature = self.trust.temperature if self.trust is not None else 1.0
+        probabilities, pred_severity = decode_output(engine.state.output["pred"], temperature)
         table = prediction_table(probabilities, pred_severity, {"image": paths, "input_index": indices})
+        features = self._recorder.last.numpy() if self._recorder is not None and self._recorder.last is not None else None
+        table = annotate(table, features, self.trust)
         self.rows.extend(table.assign(error="").to_dict("records"))
         if self.saliency:
             self._write_saliency(engine, image, torch.as_tensor(probabilities.argmax(axis=1)))
@@ -365,6 +384,8 @@ class PredictionWriter:
             self.region_rows.append(row)
 
     def _write(self, engine: Engine) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__()
         if not self.rows:
             total = len(self.error_rows)
             first = self.error_rows[0]["error"] if self.error_rows else "no input"

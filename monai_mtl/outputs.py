@@ -30,11 +30,15 @@ def split_output(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) 
     return output[:, :num_classes], output[:, num_classes]
 
 
-def decode_output(output: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities ``(B, classes)`` and severities on the 0-100 scale ``(B,)`` of a network output."""
+def decode_output(output: torch.Tensor, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities ``(B, classes)`` and severities on the 0-100 scale ``(B,)`` of a network output.
+
+    ``temperature`` divides the logits first (the calibration stored in a checkpoint; the class is unchanged).
+    """
     output = output.as_tensor() if hasattr(output, "as_tensor") else output
     logits, severity = split_output(output.detach().float().cpu())
-    return torch.softmax(logits, dim=1).numpy(), severity.numpy() * SEVERITY_SCALE
+    # float64: a calibrated probability of 1 - 1e-30 keeps its other classes' 1e-30 (the conformal scores)
+    return torch.softmax(logits.double() / temperature, dim=1).numpy(), severity.numpy() * SEVERITY_SCALE
 
 
 def prediction_table(

@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.config import KeysCollection
-from monai.data import DataLoader, Dataset, MetaTensor
-from monai.transforms import Compose, MapTransform, Spacing
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Spacing
 
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_labels, to_datalist
+from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock
 
@@ -86,29 +87,6 @@ class ArtifactScand(MapTransform):
             degraded = torch.as_tensor(apply_artifact(array, self.kind, self.strength, rng)[None], dtype=torch.float32)
             d[key] = MetaTensor(degraded, meta=dict(image.meta)) if isinstance(image, MetaTensor) else degraded
         return d
-
-
-class _CheckpointModel:
-    """A run's best checkpoint with its stored preprocessing, ready to predict datalists."""
-
-    def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
-        from monai_mtl.checkpoints import checkpoint_settings
-        from monai_mtl.evaluation import load_weights
-        from monai_mtl.networks import build_network
-
-        settings = checkpoint_settings(checkpoint)
-        self.preprocessing = settings["preprocessing"]
-        self.network = build_network(settings["network"]).to(device)
-        load_weights(self.network, checkpoint, device)
-        self.device, self.batch_size = torch.device(device), batch_size
-
-    def predict(self, datalist: list[dict], acquisition: Sequence = ()) -> pd.DataFrame:
-        from monai_mtl.engines import MultiTaskEvaluator
-        from monai_mtl.evaluation import predict
-        transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
-        loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
-        evaluator = MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
-        return predict(evaluator)
 
 
 def _metrics_row(table: pd.DataFrame, **columns) -> dict:
@@ -193,7 +171,7 @@ def artifact_sweep(
     if part == "test":
         check_no_leakage(checkpoint, subject_ids)
     with RunLock(output_dir):
-        model = _CheckpointModel(checkpoint, device)
+        model = CheckpointPredictor(checkpoint, device)
         datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), subject_ids)
         rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
         logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])

@@ -37,6 +37,10 @@ def test_inference_reproduces_the_runs_test_predictions(trained_run, train_cohor
     np.testing.assert_allclose(predicted["pred_severity"], expected["pred_severity"], rtol=0, atol=1e-4)
     probabilities = [c for c in expected.columns if c.startswith("prob_")]
     np.testing.assert_allclose(predicted[probabilities], expected[probabilities], rtol=0, atol=1e-5)
+    # the trust columns too: the same calibration, intervals, sets and OOD score from the checkpoint
+    np.testing.assert_allclose(predicted[["severity_low", "severity_high"]], expected[["severity_low", "severity_high"]], atol=1e-4)
+    np.testing.assert_allclose(predicted["ood_score"], expected["ood_score"], rtol=1e-4)
+    assert predicted["response_set"].astype(str).tolist() == expected["response_set"].astype(str).tolist()
 
 
 def test_one_prediction_table_layout_for_evaluation_baselines_and_inference():
@@ -51,8 +55,11 @@ def test_one_prediction_table_layout_for_evaluation_baselines_and_inference():
         "true_severity", "pred_severity",
     ]
     assert evaluated["pred_response"].tolist() == [0, 2] and evaluated["pred_response_name"].tolist() == ["non_responder", "responder"]
-    inferred = prediction_table(probabilities, severity, {"image": ["a.nii.gz", "b.nii.gz"]})
+    from monai_mtl.trust import TRUST_COLUMNS, annotate
+
+    inferred = annotate(prediction_table(probabilities, severity, {"image": ["a.nii.gz", "b.nii.gz"]}), None, None)
     assert list(inferred.columns) == list(PREDICTION_COLUMNS[:-1])  # inference adds the error column
+    assert list(inferred.columns[-len(TRUST_COLUMNS):]) == list(TRUST_COLUMNS)
 
 
 def test_no_list_positions_in_bundle_configs():
@@ -101,6 +108,23 @@ def test_handlers_for_rank_keep_the_computing_handlers_on_other_ranks(monkeypatc
     assert handlers_for_rank(group) == [h for k, h in group.items() if k != "off"]
     monkeypatch.setattr(handlers, "process_rank", lambda: 1)
     assert handlers_for_rank(group) == [group[k] for k in ("clip", "lr", "early_stop", "state")]
+
+
+def test_a_handler_is_switched_off_by_its_name(train_cohort, tmp_path):
+    from ignite.handlers import ProgressBar
+    from monai.bundle import ConfigWorkflow
+
+    from monai_mtl.checkpoints import TrainingStateCheckpoint
+
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"), workflow_type="train", logging_file=False,
+        dataset_dir=str(train_cohort), output_dir=str(tmp_path), validate_images=False,
+        **{"train#named_handlers#progress": None},
+    )
+    workflow.initialize()
+    attached = workflow.parser.get_parsed_content("train#trainer#train_handlers")
+    assert len(attached) == 7 and not any(isinstance(h, ProgressBar) for h in attached)
+    assert any(isinstance(h, TrainingStateCheckpoint) for h in attached)
 
 
 def test_checkpoint_handlers_write_only_on_rank_zero(monkeypatch, tmp_path):
