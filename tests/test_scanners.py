@@ -16,7 +16,8 @@ from monai.transforms import Compose
 
 from monai_mtl.__main__ import main
 from monai_mtl.checkpoints import CheckpointError, checkpoint_settings, read_run_metadata
-from monai_mtl.robustness import _CheckpointModel, regrid_subjects
+from monai_mtl.evaluation import CheckpointPredictor
+from monai_mtl.robustness import regrid_subjects
 from monai_mtl.synthetic import CohortConfig, draw_sites, generate_cohort, render_subject
 from monai_mtl.transforms import Preprocessing, augmentation_transforms
 
@@ -69,7 +70,7 @@ def test_inference_honours_a_checkpoint_trained_on_another_grid_without_any_flag
                ckpt_path=str(run_48 / "model.pt"))
     predictions = pd.read_csv(out / "predictions.csv")
     # the same checkpoint through its stored preprocessing, by hand: identical predictions
-    model = _CheckpointModel(run_48 / "model.pt")
+    model = CheckpointPredictor(run_48 / "model.pt")
     assert model.preprocessing == Preprocessing(pixdim=(3.0, 3.0, 8.0), spatial_size=(48, 48, 16))
     labels = pd.read_csv(train_cohort / "labels.csv")
     records = [{"image": str(train_cohort / p), "response": r, "severity": s, "subject_id": i}
@@ -180,7 +181,7 @@ def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohor
 
 def test_regridded_subjects_keep_labels_and_a_trained_model_agrees_across_grids(trained_run, train_cohort, tmp_path):
     split = json.loads((trained_run / "split.json").read_text())
-    model = _CheckpointModel(trained_run / "model.pt")
+    model = CheckpointPredictor(trained_run / "model.pt")
     native = model.predict(regrid_subjects(train_cohort, split["test"], (64, 64, 16), tmp_path / "native"))
     finer = model.predict(regrid_subjects(train_cohort, split["test"], (80, 72, 24), tmp_path / "finer"))
     assert native["true_severity"].tolist() == pytest.approx(finer["true_severity"].tolist())
