@@ -76,16 +76,21 @@ class PredictionCollector:
         return annotate(table, features, self.trust)
 
 
-def predict(evaluator: Engine, trust=None, collector: PredictionCollector | None = None) -> pd.DataFrame:
+def predict(
+    evaluator: Engine, trust=None, collector: PredictionCollector | None = None, feature_layer: str | None = None
+) -> pd.DataFrame:
     """Run ``evaluator`` once over its data and return :meth:`PredictionCollector.table`.
 
     ``trust``: a checkpoint's :class:`~monai_mtl.trust.TrustSettings`, to add the trust columns.
+    ``feature_layer``: record that layer's pooled features in ``collector.features`` (default: the trust
+    settings' OOD layer, if any).
     """
     collector = collector if collector is not None else PredictionCollector(trust)
+    layer = feature_layer or (collector.trust.ood_layer if collector.trust is not None else None)
     handle = evaluator.add_event_handler(Events.ITERATION_COMPLETED, collector)
     try:
-        if collector.trust is not None:
-            with FeatureRecorder(evaluator.network, collector.trust.ood_layer) as recorder:
+        if layer is not None:
+            with FeatureRecorder(evaluator.network, layer) as recorder:
                 collector.recorder = recorder
                 evaluator.run()
         else:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from monai_mtl.io import atomic_write_json, atomic_write_text
+from monai_mtl.io import atomic_write, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -311,10 +311,30 @@ def update_bundle_metadata(metadata: str | os.PathLike, root: str | os.PathLike 
     return atomic_write_json(metadata, data)
 
 
+#: figures of the reference run the README shows, copied to its ``docs/results`` (source in the run -> name there)
+README_FIGURES = {
+    "training_curves.png": "training_curves.png", "confusion_matrix.png": "confusion_matrix.png",
+    "severity_scatter.png": "severity_scatter.png", "reliability_diagram.png": "reliability_diagram.png",
+    "robustness/robustness.png": "robustness.png",
+}
+
+
+def copy_figures(root: str | os.PathLike, target: str | os.PathLike, run_dir: str = DEFAULT_ROWS[0].run_dir) -> list[Path]:
+    """Copy the reference run's figures (:data:`README_FIGURES`) that exist into ``target`` (atomically)."""
+    copied = []
+    for source, name in README_FIGURES.items():
+        path = Path(root) / run_dir / source
+        if path.is_file():
+            data = path.read_bytes()
+            copied.append(atomic_write(Path(target) / name, lambda partial, data=data: partial.write_bytes(data)))
+    return copied
+
+
 def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None) -> str:
-    """The results table; with ``readme`` every generated block of it, with ``bundle`` its docs and metadata."""
+    """The results table; with ``readme`` every generated block of it and its figures, with ``bundle`` its docs and metadata."""
     section = results_table(root)
     if readme:
+        copy_figures(root, Path(readme).parent / "docs" / "results")
         update_block(readme, section, "results")
         blocks = (("robustness", robustness_table(root)), ("leave-site-out", leave_site_out_table(root)),
                   ("trust", trust_table(root)), ("ood", ood_table(root)))
@@ -331,6 +351,6 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
 
 __all__ = [
     "Row", "DEFAULT_ROWS", "run_timing", "results_table", "robustness_table", "leave_site_out_table", "trust_table",
-    "ood_table", "update_block",
+    "ood_table", "README_FIGURES", "copy_figures", "update_block",
     "update_readme", "update_bundle_metadata", "write_all",
 ]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from torch import nn
 
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
@@ -271,28 +271,14 @@ def trust_report(table: pd.DataFrame, raw_logits: torch.Tensor, settings: TrustS
 
 # --- fitting after training ----------------------------------------------------------------------------
 
-def _outputs(evaluator: Engine, recorder: FeatureRecorder) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-    """Raw network outputs, response labels, severities (0-1) and recorded features of one run of ``evaluator``."""
-    outputs, responses, severities, features = [], [], [], []
+def _outputs(evaluator: Engine, layer: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw network outputs, response labels, severities (0-1) and ``layer`` features of one run of ``evaluator``."""
+    from monai_mtl.evaluation import PredictionCollector, predict
 
-    def collect(engine: Engine) -> None:
-        out = engine.state.output
-        pred = out["pred"]
-        outputs.append((pred.as_tensor() if hasattr(pred, "as_tensor") else pred).detach().float().cpu())
-        responses.append(out["label"]["response"].detach().cpu())
-        severities.append(out["label"]["severity"].detach().float().cpu())
-        features.append(recorder.last)
-
-    handle = evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
-    try:
-        with recorder:
-            evaluator.run()
-    finally:
-        handle.remove()
-    if not outputs:
-        raise ValueError("the calibration data is empty")
-    return (torch.cat(outputs), torch.cat(responses).numpy().astype(int), torch.cat(severities).numpy(),
-            torch.cat(features).numpy())
+    collector = PredictionCollector()
+    predict(evaluator, collector=collector, feature_layer=layer)
+    return (torch.cat(collector.outputs), torch.cat(collector.responses).numpy().astype(int),
+            torch.cat(collector.severities).numpy(), torch.cat(collector.features).numpy())
 
 
 def calibrate_checkpoint(
@@ -318,14 +304,13 @@ def calibrate_checkpoint(
     if not is_rank_zero():
         return {}
     load_weights(network, checkpoint, device=getattr(validation_evaluator.state, "device", None) or "cpu")
-    recorder = FeatureRecorder(network, ood_layer)
-    output, response, severity, val_features = _outputs(validation_evaluator, recorder)
+    output, response, severity, val_features = _outputs(validation_evaluator, ood_layer)
     logits, pred_severity = split_output(output, NUM_RESPONSE_CLASSES)
     temperature = fit_temperature(logits, torch.as_tensor(response))
     probabilities = calibrated_probabilities(logits, temperature)
     class_q = conformal_quantile(class_scores(probabilities)[np.arange(len(response)), response], coverage)
     severity_q = conformal_quantile(np.abs(pred_severity.numpy() - severity) * SEVERITY_SCALE, coverage)
-    _, train_response, _, train_features = _outputs(train_evaluator, recorder)
+    _, train_response, _, train_features = _outputs(train_evaluator, ood_layer)
     means, precision = fit_ood(train_features, train_response)
     threshold = float(np.quantile(ood_scores(val_features, means, precision), ood_quantile))
     settings = TrustSettings(

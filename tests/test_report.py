@@ -23,6 +23,7 @@ def _metrics(path, accuracy, mae):
 def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(trained_run, runs / "train")
+    (runs / "train" / "training_curves.png").write_bytes(b"\x89PNG a figure of the run")
     ours = json.loads((runs / "train" / "test_metrics.json").read_text())
     _metrics(runs / "baselines" / "single-task-response", 0.875, 12.0)
     _metrics(runs / "baselines" / "class-median", 1.0, 8.51)
@@ -52,6 +53,7 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
     assert table in (bundle / "docs" / "README.md").read_text()
+    assert (tmp_path / "docs" / "results" / "training_curves.png").read_bytes() == (runs / "train" / "training_curves.png").read_bytes()
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert metadata["eval_metrics"] == {
         "test_accuracy": round(ours["accuracy"], 4), "test_severity_mae": round(ours["severity_mae"], 2),
