@@ -1,4 +1,4 @@
-"""Command line: ``python -m monai_mtl {generate,montage,cv,baseline,grid,robustness,trust,results} ...`` (also installed as ``monai-mtl``)."""
+"""Command line: ``python -m monai_mtl {generate,montage,cv,baseline,grid,robustness,trust,floor,results} ...`` (also installed as ``monai-mtl``)."""
 
 from __future__ import annotations
 
@@ -252,6 +252,31 @@ def _run_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_floor(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "floor",
+        help="the information limit: the severity MAE of an observer who knows everything but the noise",
+        description="For each subject of a split part, re-render its own anatomy (from cohort.json and its index) at "
+        "candidate severities and take the one whose noise-free render best explains the scan under the generator's "
+        "noise model (maximum likelihood) -> floor.json (severity_mae, bootstrap_95) and floor_predictions.csv. "
+        "Synthetic single-site cohorts only.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder made by generate (cohort.json)")
+    p.add_argument("--split", default="runs/train/split.json", help="a run's split.json")
+    p.add_argument("--part", choices=("train", "validation", "test"), default="test", help="split part")
+    p.add_argument("--output-dir", default=None, help="where to write (default: the split's folder)")
+    p.add_argument("--workers", type=int, default=2, help="processes")
+    p.set_defaults(func=_run_floor)
+
+
+def _run_floor(args: argparse.Namespace) -> int:
+    from monai_mtl.floor import information_limit
+
+    information_limit(args.dataset_dir, args.split, args.part, args.output_dir, args.workers)
+    return 0
+
+
 def _add_trust(subparsers: argparse._SubParsersAction) -> None:
     from monai_mtl.trust import OOD_KINDS
 
@@ -327,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid(subparsers)
     _add_robustness(subparsers)
     _add_trust(subparsers)
+    _add_floor(subparsers)
     _add_results(subparsers)
     return parser
 

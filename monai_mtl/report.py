@@ -110,6 +110,19 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
     return (row.label, row.command, accuracy, mae, "—", "—", epochs, _minutes(timing.get("wall_seconds")))
 
 
+def _floor_row(root: Path, run_dir: str) -> str | None:
+    # the information limit on the reference run's test part (python -m monai_mtl floor), when it was computed
+    floor_file = root / run_dir / "floor.json"
+    if not floor_file.is_file():
+        return None
+    floor = json.loads(floor_file.read_text())
+    low, high = floor["bootstrap_95"]
+    cells = ("information limit: an observer who knows everything but the noise",
+             f"`python -m monai_mtl floor --split {run_dir}/split.json`",
+             "—", f"{floor['severity_mae']:.2f} ({low:.2f}–{high:.2f})", "—", "—", "—", "—")
+    return "| " + " | ".join(cells) + " |"
+
+
 def _training_settings(run_dir: Path) -> dict | None:
     # a run's hyper-parameters (the config's top-level keys, the ones users override) and its epochs, without
     # the split's own settings, in which a CV fold differs from the reference run by design
@@ -155,6 +168,9 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         if i == 0 and cv is not None:  # cross-validation was run for our model
             cells = (*cells[:4], cv[0], cv[1], cells[6], f"{cells[7]}; CV {cv[2]}")
         lines.append("| " + " | ".join(cells) + " |")
+    floor = _floor_row(root, rows[0].run_dir)
+    if floor is not None:
+        lines.insert(3, floor)
     split_file = root / rows[0].run_dir / "split.json"
     split = json.loads(split_file.read_text()) if split_file.is_file() else {}
     seed = split.get("settings", {}).get("seed", "?")

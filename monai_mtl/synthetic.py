@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -413,6 +413,41 @@ def render_layers(
 _SLAB_SAMPLES_PER_MM = 1.0 / 1.5
 
 
+def _subject_anatomy(
+    config: CohortConfig, index: int, grid: CohortConfig
+) -> tuple[np.random.Generator, Subject, Callable[[float, float], np.ndarray]]:
+    """Subject ``index``'s stream after its anatomy draws, its labels, and its noise-free render.
+
+    The render ``(severity, dz) -> image`` on ``grid`` uses the subject's own nuisance (rotation, scale,
+    translation, ventricle size, smooth deformation) at any severity, shifted by ``dz`` mm along z (a
+    sub-slice of a slab). The stream then continues with the noise draws.
+    """
+    rng = _subject_rng(config.seed, index)
+    subject = draw_subject(config, index, rng)
+    world = grid_world(grid)
+    warp = _smooth_random_field(rng, grid.shape, grid.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
+    linear = _rotation_matrix(subject.rotation_rad) @ np.diag(subject.scale)
+
+    def render(severity: float, dz: float = 0.0) -> np.ndarray:
+        displaced = world + warp + np.array([0.0, 0.0, dz]).reshape(3, 1, 1, 1) if dz else world + warp
+        template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
+        weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity,
+                                        subject.ventricle_scale)
+        return (weights * values).sum(axis=0)
+
+    return rng, subject, render
+
+
+def severity_renderer(config: CohortConfig, index: int) -> tuple[Subject, Callable[[float], np.ndarray]]:
+    """Subject ``index``'s labels and its noise-free image as a function of severity (its own anatomy and nuisance).
+
+    At the subject's own severity this is the image :func:`render_subject` writes before the intensity
+    shift and noise (:func:`monai_mtl.floor.information_limit` uses it to find what the noise leaves knowable).
+    """
+    _, subject, render = _subject_anatomy(config, index, config)
+    return subject, lambda severity: render(severity).astype(np.float32)
+
+
 def render_subject(
     config: CohortConfig, index: int, acquisition: SiteAcquisition | None = None
 ) -> tuple[Subject, np.ndarray]:
@@ -422,26 +457,15 @@ def render_subject(
     anatomy over its slab (sub-slices across ``slice_thickness_mm``, sharing the subject's smooth
     deformation), then the site's bias field, contrast, Rician noise and artifact.
     """
-    rng = _subject_rng(config.seed, index)
-    subject = draw_subject(config, index, rng)
     grid = config if acquisition is None else replace(config, shape=acquisition.shape, spacing_mm=acquisition.spacing_mm)
-    world = grid_world(grid)
-    warp = _smooth_random_field(rng, grid.shape, grid.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
-    linear = _rotation_matrix(subject.rotation_rad) @ np.diag(subject.scale)
-
-    def render(displaced: np.ndarray) -> np.ndarray:
-        template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
-        weights, values = render_layers(grid, template.astype(np.float32), subject.response, subject.severity,
-                                        subject.ventricle_scale)
-        return (weights * values).sum(axis=0)
-
+    rng, subject, render = _subject_anatomy(config, index, grid)
     if acquisition is None:
-        image = render(world + warp)
+        image = render(subject.severity)
     else:
         thickness = acquisition.slice_thickness_mm
         n = max(1, int(np.ceil(thickness * _SLAB_SAMPLES_PER_MM)))
         offsets = thickness * ((np.arange(n) + 0.5) / n - 0.5)
-        image = np.mean([render(world + warp + np.array([0.0, 0.0, dz]).reshape(3, 1, 1, 1)) for dz in offsets], axis=0)
+        image = np.mean([render(subject.severity, dz) for dz in offsets], axis=0)
     shift = rng.uniform(-config.intensity_shift, config.intensity_shift, size=grid.shape)
     image = image * (1.0 + shift) + rng.normal(0.0, config.noise_std, size=grid.shape)
     if acquisition is not None:

@@ -26,6 +26,7 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     (runs / "train" / "training_curves.png").write_bytes(b"\x89PNG a figure of the run")
     ours = json.loads((runs / "train" / "test_metrics.json").read_text())
     _metrics(runs / "baselines" / "single-task-response", 0.875, 12.0)
+    (runs / "train" / "floor.json").write_text(json.dumps({"severity_mae": 0.123, "bootstrap_95": [0.1, 0.15]}))
     _metrics(runs / "baselines" / "class-median", 1.0, 8.51)
     (runs / "cv" / "fold_0").mkdir(parents=True)
     (runs / "cv" / "cv_summary.json").write_text(json.dumps({
@@ -45,11 +46,12 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     table = (tmp_path / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| paper") and "8.03" in rows[1]
-    assert f"{100 * ours['accuracy']:.1f}%" in rows[2] and f"{ours['severity_mae']:.2f}" in rows[2]
-    assert "99.5% ± 0.5" in rows[2] and "3.50 ± 0.25" in rows[2] and "2 (best " in rows[2]
-    assert "87.5%" in rows[3] and "— (not trained)" in rows[3]
-    assert "— (true class given)" in rows[4] and "8.51" in rows[4]
-    assert len(rows) == 5  # rows without outputs (ResNet-18, ...) are left out, not invented
+    assert rows[2].startswith("| information limit") and "0.12 (0.10–0.15)" in rows[2]
+    assert f"{100 * ours['accuracy']:.1f}%" in rows[3] and f"{ours['severity_mae']:.2f}" in rows[3]
+    assert "99.5% ± 0.5" in rows[3] and "3.50 ± 0.25" in rows[3] and "2 (best " in rows[3]
+    assert "87.5%" in rows[4] and "— (not trained)" in rows[4]
+    assert "— (true class given)" in rows[5] and "8.51" in rows[5]
+    assert len(rows) == 6  # rows without outputs (ResNet-18, ...) are left out, not invented
     text = readme.read_text()
     assert "old table" not in text and table in text and text.startswith("# title") and text.endswith("after\n")
     assert table in (bundle / "docs" / "README.md").read_text()

@@ -1,0 +1,178 @@
+"""The information limit of a synthetic cohort: how well an observer who knows everything but the severity can do.
+
+For each subject the generator can re-render the subject's own anatomy (its class, rotation, scale,
+translation, ventricle size and smooth deformation, all reproduced from ``cohort.json`` and the
+subject's index) at any severity. What it cannot know is the noise: each voxel is
+``clean * (1 + u) + n`` with ``u`` uniform on ``[-intensity_shift, intensity_shift]`` and ``n`` Gaussian
+of ``noise_std``. The observer takes the severity, within the subject's class range, whose noise-free
+render makes the noisy image most likely under exactly that noise model (maximum likelihood): no
+model can beat its error on average, so its MAE is the floor of the severity task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import log_ndtr
+
+from monai_mtl.errors import CohortError
+
+logger = logging.getLogger(__name__)
+
+#: coarse grid over the class's severity range before the bounded 1-D search around its best point
+GRID_POINTS = 21
+#: the search stops when the severity is known to this many points (the CSV's severities have 0.01 steps)
+TOLERANCE = 0.005
+
+
+def log_likelihood(image: np.ndarray, clean: np.ndarray, noise_std: float, shift: float) -> float:
+    """``log p(image | clean)`` summed over voxels, for ``image = clean * (1 + u) + n`` (``u ~ U(-shift, shift)``, ``n ~ N(0, noise_std)``).
+
+    Per voxel the density is ``[Phi((y - c + a c) / s) - Phi((y - c - a c) / s)] / (2 a c)`` (the uniform
+    spread ``a c`` convolved with the Gaussian); where ``a c`` is negligible against ``s`` it is the
+    Gaussian of variance ``s**2 + (a c)**2 / 3``.
+    """
+    y, c = np.asarray(image, dtype=np.float64).ravel(), np.asarray(clean, dtype=np.float64).ravel()
+    spread = shift * np.abs(c)
+    wide = spread > 1e-3 * noise_std
+    total = 0.0
+    if (~wide).any():
+        variance = noise_std**2 + spread[~wide] ** 2 / 3.0
+        total += float(np.sum(-0.5 * (y[~wide] - c[~wide]) ** 2 / variance - 0.5 * np.log(2 * np.pi * variance)))
+    if wide.any():
+        high = (y[wide] - c[wide] + spread[wide]) / noise_std
+        low = (y[wide] - c[wide] - spread[wide]) / noise_std
+        # log(Phi(high) - Phi(low)), computed on the side of the tail where it does not cancel
+        flip = low > 0
+        high, low = np.where(flip, -low, high), np.where(flip, -high, low)
+        log_high, log_low = log_ndtr(high), log_ndtr(low)
+        mass = log_high + np.log1p(-np.exp(log_low - log_high))
+        total += float(np.sum(mass - np.log(2.0 * spread[wide])))
+    return total
+
+
+def estimate_severity(
+    image: np.ndarray, render: Callable[[float], np.ndarray], low: float, high: float, noise_std: float, shift: float
+) -> float:
+    """The maximum-likelihood severity in ``[low, high]``: a grid of :data:`GRID_POINTS`, then a bounded search around its best."""
+    def cost(severity: float) -> float:
+        return -log_likelihood(image, render(float(severity)), noise_std, shift)
+
+    grid = np.linspace(low, high, GRID_POINTS)
+    costs = [cost(s) for s in grid]
+    best = int(np.argmin(costs))
+    step = grid[1] - grid[0]
+    bounds = (max(low, grid[best] - step), min(high, grid[best] + step))
+    result = minimize_scalar(cost, bounds=bounds, method="bounded", options={"xatol": TOLERANCE})
+    return float(result.x) if result.fun <= costs[best] else float(grid[best])
+
+
+def _subject_floor(args: tuple[dict, int, str]) -> tuple[int, float, float]:
+    from monai_mtl.synthetic import config_from_dict, severity_renderer
+
+    parameters, index, image_path = args
+    import nibabel as nib
+
+    config = config_from_dict(parameters)
+    subject, render = severity_renderer(config, index)
+    image = np.asarray(nib.load(image_path).dataobj, dtype=np.float32)
+    low, high = config.severity_ranges[subject.response]
+    estimate = estimate_severity(image, render, low, high, config.noise_std, config.intensity_shift)
+    return index, subject.severity, estimate
+
+
+def information_limit(
+    dataset_dir: str | os.PathLike,
+    split_file: str | os.PathLike,
+    part: str = "test",
+    output_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> dict:
+    """The floor's severity MAE on one part of a split of a synthetic single-site cohort; writes ``floor.json``.
+
+    Also writes ``floor_predictions.csv`` (``subject_id``, ``true_severity``, ``floor_severity``) to
+    ``output_dir`` (default: the split file's folder, i.e. the run's).
+
+    Raises:
+        CohortError: no ``cohort.json`` (not a generated cohort), a multi-site cohort (its acquisition
+            chain is not in the noise model), or split subjects the cohort does not have.
+    """
+    from monai_mtl.cohort import read_labels
+    from monai_mtl.evaluation import bootstrap_intervals
+    from monai_mtl.io import atomic_write_csv, atomic_write_json
+    from monai_mtl.synthetic import COHORT_JSON
+
+    dataset_dir, split_file = Path(dataset_dir), Path(split_file)
+    description_file = dataset_dir / COHORT_JSON
+    if not description_file.is_file():
+        raise CohortError(f"{dataset_dir}: no {COHORT_JSON}; the information limit needs a cohort made by 'generate'")
+    description = json.loads(description_file.read_text())
+    if len(description.get("sites", [])) > 1:
+        raise CohortError(f"{dataset_dir} is a multi-site cohort: its acquisition chain is not in the floor's noise model")
+    split = json.loads(split_file.read_text())
+    if part not in split:
+        raise CohortError(f"{split_file} has no part {part!r} (parts: {[k for k in split if isinstance(split[k], list)]})")
+    labels = read_labels(dataset_dir / "labels.csv").set_index("subject_id", drop=False)
+    missing = sorted(set(split[part]) - set(labels.index))[:3]
+    if missing:
+        raise CohortError(f"{split_file} names subjects that {dataset_dir} does not have, e.g. {missing}")
+    parameters = description["parameters"]
+    jobs = [(parameters, int(str(s).rsplit("-", 1)[1]), labels.loc[s, "image"]) for s in split[part]]
+    from tqdm.auto import tqdm
+
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(tqdm(pool.map(_subject_floor, jobs, chunksize=4), total=len(jobs), desc="floor"))
+    table = pd.DataFrame({
+        "subject_id": list(split[part]),
+        "true_severity": [r[1] for r in results],
+        "floor_severity": [r[2] for r in results],
+    })
+    csv_severity = labels.loc[table["subject_id"], "severity"].to_numpy()
+    if not np.allclose(csv_severity, table["true_severity"], atol=1e-6):
+        raise CohortError(f"{dataset_dir}: labels.csv severities differ from what cohort.json regenerates (edited cohort?)")
+    errors = (table["floor_severity"] - table["true_severity"]).abs()
+    interval = bootstrap_intervals(table.assign(true_response=0, pred_response=0, pred_severity=table["floor_severity"]))
+    result = {
+        "severity_mae": float(errors.mean()),
+        "bootstrap_95": interval["severity_mae"],
+        "n": int(len(table)),
+        "part": part,
+        "split": str(split_file.absolute()),
+        "dataset_dir": str(dataset_dir.absolute()),
+        "noise_model": {"noise_std": parameters["noise_std"], "intensity_shift": parameters["intensity_shift"]},
+        "method": "maximum likelihood over the subject's class range, its own anatomy re-rendered (monai_mtl.floor)",
+    }
+    out = Path(output_dir) if output_dir is not None else split_file.parent
+    atomic_write_csv(out / "floor_predictions.csv", table)
+    atomic_write_json(out / "floor.json", result)
+    logger.info("information limit on the %s part: severity MAE %.3f %s (n=%d) -> %s", part, result["severity_mae"],
+                [round(v, 3) for v in result["bootstrap_95"]], result["n"], out / "floor.json")
+    return result
+
+
+def cramer_rao_mae(render: Callable[[float], np.ndarray], severity: float, noise_std: float, shift: float,
+                   step: float = 0.5) -> float:
+    """``sqrt(2 / (pi I))``: the MAE of an efficient unbiased estimator, ``I`` the Fisher information of the severity.
+
+    ``I = sum_v (dc_v/ds)**2 * (1 / v_v + (dv_v/dc_v)**2 / (2 v_v**2))`` with the voxel variance
+    ``v = noise_std**2 + (shift c)**2 / 3`` (the noise's Gaussian approximation); ``dc/ds`` by central differences.
+    """
+    plus, minus = render(severity + step).astype(np.float64), render(severity - step).astype(np.float64)
+    clean = render(severity).astype(np.float64)
+    slope = (plus - minus) / (2 * step)
+    variance = noise_std**2 + (shift * clean) ** 2 / 3.0
+    dv_dc = 2.0 * shift**2 * clean / 3.0
+    information = float(np.sum(slope**2 * (1.0 / variance + dv_dc**2 / (2.0 * variance**2))))
+    return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
+
+
+__all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "information_limit", "cramer_rao_mae"]
