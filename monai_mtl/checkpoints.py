@@ -272,6 +272,7 @@ class TrainingStateCheckpoint:
         lr_scheduler: optional scheduler with ``state_dict``.
         early_stop: optional MONAI ``EarlyStopHandler`` (its ignite handler holds the counter).
         evaluator: optional validation evaluator (its best metric decides when the best model is saved).
+        loss: optional loss module with state (learned task weights, their history): saved and restored too.
         resume: continue from ``path`` when it exists.
         save: write the state; ``None`` (default): on rank 0 of a distributed run only. Every rank
             attaches it and loads the state, so every rank resumes.
@@ -289,8 +290,10 @@ class TrainingStateCheckpoint:
         evaluator: Engine | None = None,
         resume: bool = True,
         save: bool | None = None,
+        loss: torch.nn.Module | None = None,
     ) -> None:
         self.path = Path(path)
+        self.loss = loss
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.early_stop, self.evaluator = early_stop, evaluator
         self.resume, self.save = bool(resume), save
@@ -311,6 +314,7 @@ class TrainingStateCheckpoint:
             "iteration": int(engine.state.iteration),
             "finished": bool(engine.should_terminate),
             "model": module.state_dict(),
+            "loss": self.loss.state_dict() if self.loss is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -340,6 +344,8 @@ class TrainingStateCheckpoint:
         except Exception as err:  # an atomic save cannot leave a torn file: this is another kind of damage
             raise CheckpointError(f"cannot read the training state {self.path} ({err}); pass --resume False to start afresh") from err
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
+        if self.loss is not None and state.get("loss") is not None:
+            self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])

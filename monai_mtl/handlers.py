@@ -109,6 +109,32 @@ class LearningRateRecorder:
         engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])
 
 
+class LossWeightingHandler:
+    """Give a :class:`~monai_mtl.losses.MultiTaskLoss` each epoch's mean training loss per task (for ``dwa``).
+
+    Reads the trainer's ``train_loss_response`` and ``train_loss_severity`` metrics (averaged over the
+    epoch, and over the ranks under DDP) on ``EPOCH_COMPLETED``; attach it before the training-state
+    checkpoint so that the saved state holds the updated weights.
+    """
+
+    def __init__(self, loss, response_metric: str = "train_loss_response", severity_metric: str = "train_loss_severity") -> None:
+        self.loss, self.response_metric, self.severity_metric = loss, response_metric, severity_metric
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = engine.state.metrics
+        if self.response_metric in metrics and self.severity_metric in metrics and hasattr(self.loss, "end_epoch"):
+            self.loss.end_epoch(float(metrics[self.response_metric]), float(metrics[self.severity_metric]))
+            weights = getattr(self.loss, "task_weights", None)
+            if weights is not None:
+                metrics["loss_weight_response"], metrics["loss_weight_severity"] = (float(w) for w in weights)
+            log_variances = getattr(self.loss, "log_variances", None)
+            if log_variances is not None:
+                metrics["loss_log_variance_response"], metrics["loss_log_variance_severity"] = (float(v) for v in log_variances)
+
+
 class TensorBoardSliceHandler:
     """Log the middle axial slice of the first input of each evaluation run as a TensorBoard image.
 

@@ -1,4 +1,4 @@
-"""Multi-task loss: categorical focal loss on the response plus MSE on the severity."""
+"""Multi-task loss: categorical focal loss on the response plus MSE on the severity, with a choice of task weighting."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from monai.losses import FocalLoss
 from torch import nn
 
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
+
+#: ``loss_weighting`` choices of :class:`MultiTaskLoss`
+LOSS_WEIGHTINGS = ("fixed", "uncertainty", "dwa")
 
 
 class MultiTaskLoss(nn.Module):
@@ -20,12 +23,28 @@ class MultiTaskLoss(nn.Module):
     and ``reduction="mean"`` also averages over classes. So ``alpha`` is passed per class and the
     reduction is done here.
 
+    How the two weighted terms ``L_k`` are combined (``weighting``):
+
+    - ``fixed``: ``L_response + L_severity`` (the paper).
+    - ``uncertainty``: ``sum_k exp(-s_k) L_k + s_k`` with learned task log-variances ``s_k`` (Kendall, Gal
+      & Cipolla 2018), trained with the network (give the optimizer ``loss.parameters()`` too); under
+      DDP their gradients are averaged across ranks like the network's.
+    - ``dwa``: dynamic weight averaging (Liu, Johns & Davison 2019): ``sum_k lambda_k L_k`` with
+      ``lambda_k = 2 softmax(r / T)_k``, ``r_k`` the ratio of task ``k``'s mean training loss in the last
+      two epochs (a task whose loss falls slowly gets more weight), ``T = dwa_temperature``; 1 for
+      the first two epochs. :class:`monai_mtl.handlers.LossWeightingHandler` feeds it each epoch's losses.
+
+    The learned log-variances, the DWA weights and their loss history are in ``state_dict()``, so a
+    resumed run continues with them.
+
     Args:
         response_weight: weight of the focal term.
         severity_weight: weight of the MSE term (severity on [0, 1]).
         focal_alpha: class-balancing factor, the same for every class.
         focal_gamma: focusing exponent.
         num_classes: response classes.
+        weighting: one of :data:`LOSS_WEIGHTINGS`.
+        dwa_temperature: softmax temperature of ``dwa`` (2 in the paper).
 
     ``forward(pred, target)`` takes the network output ``(B, num_classes + 1)`` and
     ``target = {"response": (B,) int, "severity": (B,) float in [0, 1]}``; after each call,
@@ -39,11 +58,22 @@ class MultiTaskLoss(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         num_classes: int = NUM_RESPONSE_CLASSES,
+        weighting: str = "fixed",
+        dwa_temperature: float = 2.0,
     ) -> None:
         super().__init__()
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         self.response_weight = response_weight
         self.severity_weight = severity_weight
         self.num_classes = num_classes
+        self.weighting, self.dwa_temperature = weighting, float(dwa_temperature)
+        if weighting == "uncertainty":
+            self.log_variances = nn.Parameter(torch.zeros(2))
+            self.log_variances.register_hook(_mean_over_ranks)
+        self.register_buffer("task_weights", torch.ones(2))
+        # mean training loss of each task in the last two epochs (row 0: the last one); NaN until known
+        self.register_buffer("epoch_losses", torch.full((2, 2), float("nan")))
         self.focal = FocalLoss(
             to_onehot_y=True, use_softmax=True, gamma=focal_gamma, alpha=[focal_alpha] * num_classes, reduction="none"
         )
@@ -55,10 +85,38 @@ class MultiTaskLoss(nn.Module):
         response = target["response"].long().view(-1, 1)
         focal = self.focal(logits, response).sum(dim=1).mean()
         mse = F.mse_loss(severity, target["severity"].to(severity.dtype))
-        total = self.response_weight * focal + self.severity_weight * mse
-        return {"loss": total, "loss_response": focal, "loss_severity": mse}
+        return {"loss": self.combine(focal, mse), "loss_response": focal, "loss_severity": mse}
+
+    def combine(self, response_loss: torch.Tensor, severity_loss: torch.Tensor) -> torch.Tensor:
+        """The total of the two task losses under this loss's ``weighting``."""
+        terms = torch.stack([self.response_weight * response_loss, self.severity_weight * severity_loss])
+        if self.weighting == "uncertainty":
+            log_variances = self.log_variances.to(terms.device)  # differentiable: the parameter may stay on the CPU
+            return (torch.exp(-log_variances) * terms + log_variances).sum()
+        if self.weighting == "dwa":
+            return (self.task_weights.to(terms) * terms).sum()
+        return terms.sum()
+
+    def end_epoch(self, response_loss: float, severity_loss: float) -> None:
+        """Record an epoch's mean training loss per task; with ``dwa``, set the next epoch's task weights."""
+        self.epoch_losses[1] = self.epoch_losses[0].clone()
+        self.epoch_losses[0] = torch.tensor([response_loss, severity_loss], dtype=self.epoch_losses.dtype)
+        if self.weighting == "dwa" and not torch.isnan(self.epoch_losses).any():
+            ratios = self.epoch_losses[0] / self.epoch_losses[1].clamp_min(1e-12)
+            self.task_weights = 2.0 * torch.softmax(ratios / self.dwa_temperature, dim=0)
 
     def forward(self, pred: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = self.components(pred, target)
         self.last_components = {k: v.detach() for k, v in parts.items()}
         return parts["loss"]
+
+
+def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    # the loss is not inside DistributedDataParallel: average its parameters' gradients as DDP does the network's
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return grad

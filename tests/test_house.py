@@ -123,7 +123,7 @@ def test_a_handler_is_switched_off_by_its_name(train_cohort, tmp_path):
     )
     workflow.initialize()
     attached = workflow.parser.get_parsed_content("train#trainer#train_handlers")
-    assert len(attached) == 7 and not any(isinstance(h, ProgressBar) for h in attached)
+    assert len(attached) == 8 and not any(isinstance(h, ProgressBar) for h in attached)
     assert any(isinstance(h, TrainingStateCheckpoint) for h in attached)
 
 

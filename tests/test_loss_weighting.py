@@ -1,0 +1,76 @@
+"""Loss weighting choices: each tested for its defining property."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TRAIN_CONFIG, run_bundle
+from monai_mtl.losses import LOSS_WEIGHTINGS, MultiTaskLoss
+
+
+def _batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    pred = torch.cat([torch.randn(8, 3, generator=generator), torch.rand(8, 1, generator=generator)], dim=1)
+    target = {"response": torch.randint(0, 3, (8,), generator=generator), "severity": torch.rand(8, generator=generator)}
+    return pred, target
+
+
+def test_fixed_weighting_is_the_weighted_sum():
+    loss = MultiTaskLoss(response_weight=0.6, severity_weight=0.4)
+    parts = loss.components(*_batch())
+    assert parts["loss"] == pytest.approx(float(0.6 * parts["loss_response"] + 0.4 * parts["loss_severity"]))
+    assert list(loss.parameters()) == []
+
+
+def test_uncertainty_weighting_learns_the_task_log_variances():
+    loss = MultiTaskLoss(weighting="uncertainty")
+    assert loss.log_variances.tolist() == [0.0, 0.0]
+    optimizer = torch.optim.Adam(loss.parameters(), lr=0.1)
+    pred, target = _batch()
+    parts = loss.components(pred, target)
+    s = loss.log_variances.detach()
+    expected = (torch.exp(-s[0]) * 0.6 * parts["loss_response"] + s[0] + torch.exp(-s[1]) * 0.4 * parts["loss_severity"] + s[1])
+    assert parts["loss"].item() == pytest.approx(expected.item())
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss(pred, target).backward()
+        assert loss.log_variances.grad.abs().min() > 0
+        optimizer.step()
+    # d/ds (e^-s w L + s) = 0 at s = log(w L): a task with a small loss gets a negative log-variance (a large weight)
+    optimal = torch.log(torch.stack([0.6 * parts["loss_response"], 0.4 * parts["loss_severity"]])).detach()
+    assert (loss.log_variances.detach() - optimal).abs().max() < (optimal.abs().max())
+    assert (loss.log_variances.detach() < 0).all()
+
+
+def test_dwa_weights_the_task_whose_loss_falls_slower():
+    loss = MultiTaskLoss(weighting="dwa", dwa_temperature=2.0)
+    loss.end_epoch(1.0, 1.0)
+    assert loss.task_weights.tolist() == [1.0, 1.0]  # two epochs are needed for a rate
+    loss.end_epoch(0.9, 0.5)  # the severity loss halved, the response loss barely moved
+    expected = 2 * torch.softmax(torch.tensor([0.9, 0.5]) / 2.0, dim=0)
+    assert torch.allclose(loss.task_weights, expected) and loss.task_weights.sum() == pytest.approx(2.0)
+    assert loss.task_weights[0] > 1.0 > loss.task_weights[1]
+    parts = loss.components(*_batch())
+    w = loss.task_weights
+    assert parts["loss"].item() == pytest.approx((w[0] * 0.6 * parts["loss_response"] + w[1] * 0.4 * parts["loss_severity"]).item())
+    state = loss.state_dict()
+    resumed = MultiTaskLoss(weighting="dwa")
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.task_weights, loss.task_weights) and torch.equal(resumed.epoch_losses, loss.epoch_losses)
+
+
+def test_unknown_weighting_is_refused():
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        MultiTaskLoss(weighting="gradnorm")
+    assert LOSS_WEIGHTINGS == ("fixed", "uncertainty", "dwa")
+
+
+def test_uncertainty_weighting_trains_in_the_bundle_and_its_state_is_saved(train_cohort, tmp_path):
+    out = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(out), max_epochs=1, batch_size=8,
+               cache_workers=1, loss_weighting="uncertainty")
+    state = torch.load(out / "training_state.pt", weights_only=False)
+    assert state["loss"]["log_variances"].abs().min() > 0  # moved from 0 during the epoch
+    assert any(group["params"] for group in state["optimizer"]["param_groups"])
+    assert state["loss"]["epoch_losses"][0].isfinite().all()  # the handler recorded the epoch's task losses
