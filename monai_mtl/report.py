@@ -192,8 +192,12 @@ def _percent_and_mae(accuracy: float, mae: float) -> str:
 ROBUSTNESS_RUNS = (("`paper` preset", "runs/paper_preset"), ("default (`robust`)", "runs/train"))
 
 
-def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS) -> str | None:
-    """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``)."""
+def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS,
+                     compact: bool = False) -> str | None:
+    """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``).
+
+    ``compact`` keeps the clean row, the middle strength of each artifact and every grid (the README's).
+    """
     tables = {}
     for label, run_dir in runs:
         path = Path(root) / run_dir / "robustness" / "robustness.csv"
@@ -203,6 +207,12 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
     if not tables:
         return None
     keys = list(dict.fromkeys(k for cells in tables.values() for k in cells))
+    if compact:
+        by_kind: dict[str, list] = {}
+        for kind, strength in keys:
+            by_kind.setdefault(kind, []).append(strength)
+        keys = [(kind, strength) for kind, strength in keys
+                if kind in ("clean", "grid") or strength == by_kind[kind][len(by_kind[kind]) // 2]]
     lines = [
         "| artifact | strength | " + " | ".join(f"{label}: accuracy / MAE" for label in tables) + " |",
         "|---|---|" + "---|" * len(tables),
@@ -352,7 +362,10 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
     if readme:
         copy_figures(root, Path(readme).parent / "docs" / "results")
         update_block(readme, section, "results")
-        blocks = (("robustness", robustness_table(root)), ("leave-site-out", leave_site_out_table(root)),
+        full = robustness_table(root)
+        if full is not None:  # the README shows the compact table; the whole sweep is a generated file beside it
+            atomic_write_text(Path(readme).parent / "docs" / "results" / "robustness.md", "# Robustness sweep\n\n" + full)
+        blocks = (("robustness", robustness_table(root, compact=True)), ("leave-site-out", leave_site_out_table(root)),
                   ("trust", trust_table(root)), ("ood", ood_table(root)))
         for name, block in blocks:
             if block is None:
