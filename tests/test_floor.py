@@ -33,6 +33,7 @@ def test_floor_is_exact_on_noise_free_renders():
         assert estimate_severity(render(subject.severity), render, low, high, 1e-4, 0.0) == pytest.approx(subject.severity, abs=0.01)
 
 
+@pytest.mark.slow
 def test_floor_on_noisy_scans_stays_within_the_cramer_rao_bound():
     """An efficient estimator's |error| has mean sqrt(2 / (pi I)); three times that bounds the mean of six."""
     config = CohortConfig()
@@ -47,6 +48,7 @@ def test_floor_on_noisy_scans_stays_within_the_cramer_rao_bound():
     assert max(bounds) < 0.5  # the noise leaves the severity known to a fraction of a point
 
 
+@pytest.mark.slow
 def test_floor_command_writes_its_json_and_refuses_other_cohorts(tmp_path):
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, CohortConfig(num_samples=12, seed=3), workers=1, progress=False)

@@ -66,6 +66,7 @@ def test_unknown_weighting_is_refused():
     assert LOSS_WEIGHTINGS == ("fixed", "uncertainty", "dwa")
 
 
+@pytest.mark.slow
 def test_uncertainty_weighting_trains_in_the_bundle_and_its_state_is_saved(train_cohort, tmp_path):
     out = tmp_path / "run"
     run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(out), max_epochs=1, batch_size=8,

@@ -97,6 +97,7 @@ def test_training_calibrates_the_checkpoint_and_reports_coverage(trained_run):
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_ood_flag_fires_on_noise_and_not_on_the_cohort(trained_run, train_cohort, tmp_path):
     from monai_mtl.trust import ood_report
 
