@@ -1,0 +1,94 @@
+"""Real-size cohorts: where preprocessed volumes are cached (memory, disk, none, auto)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from monai.transforms import Compose, MapTransform
+
+from conftest import TRAIN_CONFIG, run_bundle
+from monai_mtl.cohort import read_labels, to_datalist
+from monai_mtl.datasets import cached_bytes, choose_cache, make_dataset, preprocessing_key
+from monai_mtl.transforms import Preprocessing, augmentation_transforms
+
+SMALL = Preprocessing(pixdim=(5.0, 6.0, 16.0), spatial_size=(32, 32, 8))
+
+
+class CountCalls(MapTransform):
+    """A deterministic pass-through that counts how often the cached part of a chain runs."""
+
+    calls = 0
+
+    def __call__(self, data):
+        CountCalls.calls += 1
+        return dict(data)
+
+
+def _chain(preprocessing: Preprocessing) -> Compose:
+    return Compose([*preprocessing.transforms(severity_key="severity"), CountCalls(keys="image")])
+
+
+def _read_all(dataset) -> list:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_auto_caches_in_memory_when_it_fits_and_on_disk_when_it_does_not():
+    needed = cached_bytes(10_000, Preprocessing())  # 10,000 x 64 x 64 x 16 float32: about 2.7 GB
+    assert needed == pytest.approx(10_000 * 64 * 64 * 16 * 4, rel=0.02)
+    assert choose_cache("auto", 10_000, Preprocessing(), available=24 * 2**30) == "memory"
+    assert choose_cache("auto", 10_000, Preprocessing(), available=8 * 2**30) == "disk"  # would take a third of it
+    assert choose_cache("none", 10_000, Preprocessing(), available=1) == "none"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="cache must be one of"):
+        choose_cache("ram", 10, Preprocessing())
+
+
+def test_disk_cache_is_read_back_and_invalidated_by_a_changed_preprocessing_or_scan(tiny_cohort, tmp_path):
+    data = to_datalist(read_labels(tiny_cohort / "labels.csv"))[:6]
+    CountCalls.calls = 0
+    first = _read_all(make_dataset(data, _chain(SMALL), SMALL, cache="disk", cache_dir=tmp_path))
+    assert CountCalls.calls == 6
+    folder = tmp_path / preprocessing_key(SMALL, _chain(SMALL))
+    assert len(list(folder.glob("*.pt"))) == 6
+    assert json.loads((folder / "preprocessing.json").read_text())["spatial_size"] == [32, 32, 8]
+
+    again = _read_all(make_dataset(data, _chain(SMALL), SMALL, cache="disk", cache_dir=tmp_path))
+    assert CountCalls.calls == 6  # every volume from the cache, none preprocessed again
+    assert all((a["image"] == b["image"]).all() for a, b in zip(first, again))
+
+    other = Preprocessing(pixdim=(5.0, 6.0, 16.0), spatial_size=(32, 32, 6))
+    changed = _read_all(make_dataset(data, _chain(other), other, cache="disk", cache_dir=tmp_path))
+    assert CountCalls.calls == 12 and tuple(changed[0]["image"].shape[-3:]) == (32, 32, 6)  # a new key, nothing stale
+
+    stat = os.stat(data[0]["image"])
+    os.utime(data[0]["image"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the scan was rewritten
+    _read_all(make_dataset(data, _chain(SMALL), SMALL, cache="disk", cache_dir=tmp_path))
+    assert CountCalls.calls == 13
+
+
+def test_training_and_evaluation_chains_keep_separate_disk_caches():
+    training = Compose(SMALL.transforms(augmentation=augmentation_transforms("robust"), severity_key="severity"))
+    evaluation = Compose(SMALL.transforms(severity_key="severity"))
+    assert preprocessing_key(SMALL, training) != preprocessing_key(SMALL, evaluation)
+
+
+def test_none_and_memory_give_the_same_volumes(tiny_cohort):
+    data = to_datalist(read_labels(tiny_cohort / "labels.csv"))[:3]
+    chain = Compose(SMALL.transforms(severity_key="severity"))
+    plain = _read_all(make_dataset(data, chain, SMALL, cache="none"))
+    cached = _read_all(make_dataset(data, chain, SMALL, cache="memory"))
+    assert all((a["image"] == b["image"]).all() for a, b in zip(plain, cached))
+
+
+@pytest.mark.slow
+def test_a_run_with_the_disk_cache_trains_and_fills_it(train_cohort, tmp_path):
+    output = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(output), max_epochs=1,
+               batch_size=8, cache="disk", cache_dir=str(tmp_path / "cache"))
+    split = json.loads((output / "split.json").read_text())
+    cached = sorted(Path(tmp_path / "cache").glob("*/*.pt"))
+    # the training chain's folder holds the training part; the evaluation chain's the validation and test parts
+    assert len(cached) == len(split["train"]) + len(split["validation"]) + len(split["test"])
+    assert json.loads((output / "test_metrics.json").read_text())["n"] == len(split["test"])
