@@ -114,6 +114,9 @@ def _add_run_options(p: argparse.ArgumentParser, config_file: bool = True) -> No
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides (KEY=VALUE)")
     p.add_argument("--overwrite", action="store_true",
                    help="train again runs that finished with other settings (otherwise they are refused, naming the difference)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="bundle runs at once; each gets the CPU cores divided by N as threads (on a GPU they share "
+                   "it) and writes its output to <run folder>.log")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -136,7 +139,7 @@ def _run_cv(args: argparse.Namespace) -> int:
     cross_validate(
         args.folds, args.dataset_dir, args.output_dir, fold=args.fold,
         config_files=args.config_file or [DEFAULT_CONFIG], overrides=overrides, allow_overlap=args.allow_split_overlap,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, jobs=args.jobs,
     )
     return 0
 
@@ -152,20 +155,24 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
         "bundle/configs/baselines/<kind>.json merged over train.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--kind", choices=KINDS, required=True, help="which baseline")
+    p.add_argument("--kind", choices=KINDS, nargs="+", required=True,
+                   help="which baseline(s); several network baselines run --jobs at a time")
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
     p.add_argument("--split", default="runs/train/split.json", help="split.json of the run to compare with")
-    p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>)")
+    p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>; one --kind only)")
     _add_run_options(p, config_file=False)  # network baselines only
     p.set_defaults(func=_run_baseline)
 
 
 def _run_baseline(args: argparse.Namespace) -> int:
-    from monai_mtl.baselines import run_baseline
+    from monai_mtl.baselines import run_baselines
 
-    overrides = _overrides(args)
-    run_baseline(args.kind, args.dataset_dir, args.split, args.output_dir or f"runs/baselines/{args.kind}", overrides,
-                 args.overwrite)
+    kinds = list(dict.fromkeys(args.kind))
+    if args.output_dir is not None and len(kinds) > 1:
+        raise ValueError(f"--output-dir names one folder, but {len(kinds)} kinds were given: leave it out "
+                         "(each kind writes to runs/baselines/<kind>)")
+    output_dirs = [args.output_dir] if args.output_dir else [f"runs/baselines/{kind}" for kind in kinds]
+    run_baselines(kinds, args.dataset_dir, args.split, output_dirs, _overrides(args), args.overwrite, args.jobs)
     return 0
 
 
@@ -202,7 +209,7 @@ def _run_grid(args: argparse.Namespace) -> int:
             print(i, point)
         return 0
     run_grid(args.dataset_dir, args.output_dir, args.trial, grid, args.config_file or [DEFAULT_CONFIG], _overrides(args),
-             args.overwrite)
+             args.overwrite, jobs=args.jobs)
     return 0
 
 
@@ -248,7 +255,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
                        part=args.part)
     if args.leave_site_out:
         leave_site_out(args.dataset_dir, args.output_dir or "runs/leave_site_out", args.config_file or [DEFAULT_CONFIG],
-                       _overrides(args), args.folds, args.overwrite)
+                       _overrides(args), args.folds, args.overwrite, jobs=args.jobs)
     return 0
 
 

@@ -64,12 +64,28 @@ def run_network_baseline(
     The split's settings (seed, fractions, folds) are passed to the run, and its ``split.json`` is
     checked against ``split_file`` afterwards.
     """
-    from monai_mtl.runs import CONFIG_DIR, DEFAULT_CONFIG, run_training
+    from monai_mtl.runs import run_trainings
 
-    reference = json.loads(Path(split_file).read_text())
-    settings = reference.get("settings", {})
+    run_trainings([network_baseline_request(kind, dataset_dir, split_file, output_dir, overrides, overwrite)])
+    return network_baseline_metrics(kind, split_file, output_dir)
+
+
+def network_baseline_request(
+    kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
+    overrides: dict | None = None, overwrite: bool = False,
+):
+    """The child run of network baseline ``kind``: ``baselines/<kind>.json`` over ``train.json``, with the split's settings."""
+    from monai_mtl.runs import CONFIG_DIR, DEFAULT_CONFIG, RunRequest
+
+    settings = json.loads(Path(split_file).read_text()).get("settings", {})
     config = str(CONFIG_DIR / "baselines" / NETWORK_CONFIGS[kind])
-    out = run_training([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})}, overwrite)
+    return RunRequest([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})}, overwrite)
+
+
+def network_baseline_metrics(kind: str, split_file: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+    """A finished network baseline's test metrics, once its split is checked to be ``split_file``'s."""
+    reference = json.loads(Path(split_file).read_text())
+    out = Path(output_dir)
     produced = json.loads((out / "split.json").read_text())
     if any(produced[k] != reference[k] for k in ("train", "validation", "test")):
         raise CohortError(f"{out / 'split.json'} differs from {split_file}: the baseline did not use the same split")
@@ -77,6 +93,31 @@ def run_network_baseline(
     logger.info("baseline %s: accuracy %.4f, severity MAE %.2f (n=%d) -> %s", kind, metrics["accuracy"],
                 metrics["severity_mae"], metrics["n"], out / "test_metrics.json")
     return metrics
+
+
+def run_baselines(
+    kinds: list[str], dataset_dir: str | os.PathLike, split_file: str | os.PathLike,
+    output_dirs: list[str | os.PathLike], overrides: dict | None = None, overwrite: bool = False, jobs: int = 1,
+) -> dict[str, dict]:
+    """:func:`run_baseline` of each of ``kinds`` (into ``output_dirs``); the network baselines ``jobs`` at a time."""
+    from monai_mtl.runs import run_trainings
+
+    for kind in kinds:
+        _check_kind(kind, split_file)
+    results = {kind: run_baseline(kind, dataset_dir, split_file, out)
+               for kind, out in zip(kinds, output_dirs) if kind not in NETWORK_CONFIGS}
+    networks = [(kind, out) for kind, out in zip(kinds, output_dirs) if kind in NETWORK_CONFIGS]
+    run_trainings([network_baseline_request(kind, dataset_dir, split_file, out, overrides, overwrite)
+                   for kind, out in networks], jobs)
+    results.update({kind: network_baseline_metrics(kind, split_file, out) for kind, out in networks})
+    return {kind: results[kind] for kind in kinds}
+
+
+def _check_kind(kind: str, split_file: str | os.PathLike) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
+    if not Path(split_file).is_file():
+        raise CohortError(f"no split file {split_file}: train the reference run first, or pass --split")
 
 
 def run_baseline(
@@ -88,10 +129,7 @@ def run_baseline(
     ``overrides`` (bundle keys such as ``max_epochs``) and ``overwrite`` apply to the network
     baselines only (bundle runs, whose folder their run locks); the others lock ``output_dir`` to write.
     """
-    if kind not in KINDS:
-        raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
-    if not Path(split_file).is_file():
-        raise CohortError(f"no split file {split_file}: train the reference run first, or pass --split")
+    _check_kind(kind, split_file)
     if kind in NETWORK_CONFIGS:
         return run_network_baseline(kind, dataset_dir, split_file, output_dir, overrides, overwrite)
     return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir)

@@ -22,7 +22,7 @@ from monai_mtl.cohort import read_labels
 from monai_mtl.errors import CohortError
 from monai_mtl.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from monai_mtl.run_folder import RunLock
-from monai_mtl.runs import DEFAULT_CONFIG, run_training
+from monai_mtl.runs import DEFAULT_CONFIG, RunRequest, run_trainings
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,18 @@ def run_fold(
     overwrite: bool = False,
 ) -> Path:
     """Train and test fold ``fold`` in a child process (reused if it finished with the same settings); returns its folder."""
+    return run_trainings([fold_request(fold, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)])[0]
+
+
+def fold_request(
+    fold: int, num_folds: int, dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
+    config_files: Sequence[str] = (DEFAULT_CONFIG,), overrides: dict | None = None, overwrite: bool = False,
+) -> RunRequest:
+    """The child run of fold ``fold``: the bundle's training with ``num_folds`` / ``fold`` set, in ``fold_<fold>/``."""
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
-    logger.info("fold %d/%d", fold, num_folds)
-    return run_training(
-        config_files, dataset_dir, fold_dir(output_dir, fold), {"num_folds": num_folds, "fold": fold, **(overrides or {})},
-        overwrite=overwrite,
-    )
+    return RunRequest(config_files, dataset_dir, fold_dir(output_dir, fold),
+                      {"num_folds": num_folds, "fold": fold, **(overrides or {})}, overwrite)
 
 
 def check_partition(output_dir: str | os.PathLike, num_folds: int, dataset_dir: str | os.PathLike | None = None) -> None:
@@ -149,18 +154,21 @@ def cross_validate(
     overrides: dict | None = None,
     allow_overlap: bool = False,
     overwrite: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict | None:
-    """Run every fold (or only ``fold``) and summarize once all folds have finished.
+    """Run every fold (or only ``fold``), ``jobs`` at a time, and summarize once all folds have finished.
 
-    The output folder is locked while this runs (each fold's own folder too, by its run).
+    The output folder is locked while this runs (each fold's own folder too, by its run). ``jobs`` and
+    ``threads``: see :func:`~monai_mtl.runs.run_trainings`.
     """
     if num_folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
     if fold is not None and not 0 <= fold < num_folds:
         raise ValueError(f"fold {fold} is out of range for {num_folds} folds (0 to {num_folds - 1})")
     with RunLock(output_dir):
-        for i in [fold] if fold is not None else range(num_folds):
-            run_fold(i, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)
+        run_trainings([fold_request(i, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)
+                       for i in ([fold] if fold is not None else range(num_folds))], jobs, threads)
         done = [i for i in range(num_folds) if (fold_dir(output_dir, i) / "test_metrics.json").is_file()]
         if len(done) < num_folds:
             logger.info("folds finished: %s of %d; the summary is written once all have finished", done, num_folds)
@@ -168,4 +176,4 @@ def cross_validate(
         return summarize(output_dir, num_folds, allow_overlap, dataset_dir)
 
 
-__all__ = ["run_fold", "check_partition", "summarize", "cross_validate", "fold_dir"]
+__all__ = ["run_fold", "fold_request", "check_partition", "summarize", "cross_validate", "fold_dir"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_mtl.errors import ConfigError
 from monai_mtl.transforms import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def cached_bytes(num_items: int, preprocessing: Preprocessing, channels: int = 1
 def choose_cache(cache: str, num_items: int, preprocessing: Preprocessing, available: int | None = None) -> str:
     """The concrete cache mode for ``cache`` (``auto`` resolved against the available RAM, and logged)."""
     if cache not in CACHE_MODES:
-        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        raise ConfigError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cache != "auto":
         return cache
     needed = cached_bytes(num_items, preprocessing)
@@ -137,7 +138,7 @@ def make_dataset(
     if mode == "none":
         return Dataset(data, transform)
     if cache_dir is None:
-        raise ValueError("cache 'disk' needs a cache_dir")
+        raise ConfigError("cache 'disk' needs a cache_dir")
     folder = Path(cache_dir) / preprocessing_key(preprocessing, transform)
     folder.mkdir(parents=True, exist_ok=True)
     settings = folder / "preprocessing.json"

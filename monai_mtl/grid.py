@@ -19,7 +19,7 @@ import pandas as pd
 
 from monai_mtl.io import atomic_write_csv, atomic_write_text
 from monai_mtl.run_folder import RunLock
-from monai_mtl.runs import DEFAULT_CONFIG, run_training
+from monai_mtl.runs import DEFAULT_CONFIG, RunRequest, run_trainings
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def run_grid(
     config_files: Sequence[str] = (DEFAULT_CONFIG,),
     overrides: Mapping[str, object] | None = None,
     overwrite: bool = False,
+    jobs: int = 1,
 ) -> pd.DataFrame:
-    """Run the given trials (default: all) of ``grid``, then rank every finished trial.
+    """Run the given trials (default: all) of ``grid``, ``jobs`` at a time, then rank every finished trial.
 
     A finished trial is reused only when its stored settings equal the requested ones (see
     :func:`~monai_mtl.runs.run_training`); the output folder is locked while this runs.
@@ -108,10 +109,9 @@ def run_grid(
     if bad:
         raise ValueError(f"trial index {bad} is out of range: the grid has {len(points)} trials (0 to {len(points) - 1})")
     with RunLock(output_dir):
-        for i in selected:
-            logger.info("grid trial %d/%d: %s", i, len(points), points[i])
-            run_training(config_files, dataset_dir, trial_dir(output_dir, i, points[i]), {**(overrides or {}), **points[i]},
-                         overwrite=overwrite)
+        logger.info("grid trials %s of %d", selected, len(points))
+        run_trainings([RunRequest(config_files, dataset_dir, trial_dir(output_dir, i, points[i]),
+                                  {**(overrides or {}), **points[i]}, overwrite) for i in selected], jobs)
         return collect(output_dir, points)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from monai.losses import FocalLoss
 from torch import nn
 
+from monai_mtl.errors import ConfigError
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
 
 #: ``loss_weighting`` choices of :class:`MultiTaskLoss`
@@ -72,9 +73,9 @@ class MultiTaskLoss(nn.Module):
     ) -> None:
         super().__init__()
         if weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+            raise ConfigError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
         if severity_loss not in SEVERITY_LOSSES:
-            raise ValueError(f"severity_loss must be one of {SEVERITY_LOSSES}, got {severity_loss!r}")
+            raise ConfigError(f"severity_loss must be one of {SEVERITY_LOSSES}, got {severity_loss!r}")
         self.severity_loss, self.huber_delta = severity_loss, float(huber_delta)
         self.response_weight = response_weight
         self.severity_weight = severity_weight

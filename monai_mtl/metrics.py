@@ -23,6 +23,7 @@ from sklearn.metrics import (
     r2_score,
 )
 
+from monai_mtl.errors import ConfigError
 from monai_mtl import RESPONSE_NAMES, SEVERITY_SCALE
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
 
@@ -75,7 +76,7 @@ class MultiTaskMetric(EpochMetric):
 
     def __init__(self, score: str = "score", output_transform: Callable = _engine_output, device: str = "cpu") -> None:
         if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+            raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
         self.score = score
         super().__init__(
             lambda p, t: epoch_scores(p, t)[score], output_transform=output_transform, check_compute_fn=False, device=device

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_mtl.errors import ConfigError
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa: F401 (split_output: re-exported)
 
 
@@ -122,11 +123,11 @@ class DualPathNet(nn.Module):
         }
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
+            raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
         if len(channels) != len(strides):
-            raise ValueError(f"channels and strides need the same length, got {len(channels)} and {len(strides)}")
+            raise ConfigError(f"channels and strides need the same length, got {len(channels)} and {len(strides)}")
         if not 0 <= task_blocks < len(channels):
-            raise ValueError(f"task_blocks must be in [0, {len(channels) - 1}], got {task_blocks}")
+            raise ConfigError(f"task_blocks must be in [0, {len(channels) - 1}], got {task_blocks}")
         shared = len(channels) - task_blocks
         widths = [in_channels, *channels]
 

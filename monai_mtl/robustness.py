@@ -204,6 +204,7 @@ def leave_site_out(
     overrides: Mapping[str, object] | None = None,
     folds: int = 5,
     overwrite: bool = False,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """One training per site with that site as the test part, beside the within-site CV figures per site.
 
@@ -212,8 +213,8 @@ def leave_site_out(
     MAE, the same site's subjects' accuracy and MAE in the CV (trained with every site), and the ratio
     of the MAEs.
     """
-    from monai_mtl.crossval import cross_validate, fold_dir
-    from monai_mtl.runs import run_training
+    from monai_mtl.crossval import fold_dir, fold_request, summarize
+    from monai_mtl.runs import RunRequest, run_trainings
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     labels = read_labels(dataset_dir / "labels.csv")
@@ -221,12 +222,16 @@ def leave_site_out(
         raise CohortError(f"{dataset_dir / 'labels.csv'}: leave-one-site-out needs a 'site' column with at least two sites")
     sites = sorted(labels["site"].astype(str).unique())
     held_out = {}
-    with RunLock(output_dir):
-        for site in sites:
-            run = run_training(config_files, dataset_dir, output_dir / f"site_{site}",
-                               {**(overrides or {}), "held_out_site": site}, overwrite)
+    with RunLock(output_dir), RunLock(output_dir / "cv"):
+        # the held-out-site runs and the within-site folds are independent: one queue, ``jobs`` at a time
+        requests = [RunRequest(config_files, dataset_dir, output_dir / f"site_{site}",
+                               {**(overrides or {}), "held_out_site": site}, overwrite) for site in sites]
+        requests += [fold_request(i, folds, dataset_dir, output_dir / "cv", config_files, overrides, overwrite)
+                     for i in range(folds)]
+        runs = run_trainings(requests, jobs)
+        for site, run in zip(sites, runs):
             held_out[site] = pd.read_csv(run / "test_predictions.csv", dtype={"subject_id": str})
-    cross_validate(folds, dataset_dir, output_dir / "cv", config_files=config_files, overrides=overrides, overwrite=overwrite)
+        summarize(output_dir / "cv", folds, dataset_dir=dataset_dir)
     cv = pd.concat([pd.read_csv(fold_dir(output_dir / "cv", i) / "test_predictions.csv", dtype={"subject_id": str})
                     for i in range(folds)])
     site_of = labels.set_index("subject_id")["site"].astype(str)

@@ -28,6 +28,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from monai_mtl.errors import ConfigError
 from monai_mtl import SEVERITY_SCALE
 from monai_mtl.images import check_stored_size, check_volume, not_3d_error
 
@@ -66,11 +67,11 @@ class Preprocessing:
         object.__setattr__(self, "pixdim", tuple(float(v) for v in self.pixdim))
         object.__setattr__(self, "spatial_size", tuple(int(v) for v in self.spatial_size))
         if len(self.pixdim) != 3 or any(not v > 0 for v in self.pixdim):
-            raise ValueError(f"pixdim needs 3 positive voxel sizes in mm, got {list(self.pixdim)}")
+            raise ConfigError(f"pixdim needs 3 positive voxel sizes in mm, got {list(self.pixdim)}")
         if len(self.spatial_size) != 3 or any(v < 1 for v in self.spatial_size):
-            raise ValueError(f"spatial_size needs 3 positive voxel counts, got {list(self.spatial_size)}")
+            raise ConfigError(f"spatial_size needs 3 positive voxel counts, got {list(self.spatial_size)}")
         if self.intensity not in INTENSITY_NORMALIZATIONS:
-            raise ValueError(f"intensity normalisation must be one of {INTENSITY_NORMALIZATIONS}, got {self.intensity!r}")
+            raise ConfigError(f"intensity normalisation must be one of {INTENSITY_NORMALIZATIONS}, got {self.intensity!r}")
 
     @property
     def field_of_view_mm(self) -> tuple[float, float, float]:
@@ -150,7 +151,7 @@ def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image
     )
 
     if preset not in AUGMENTATION_PRESETS:
-        raise ValueError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {preset!r}")
+        raise ConfigError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {preset!r}")
     if preset == "paper":
         return []
     return [
@@ -234,7 +235,7 @@ class BatchIntensityAugmentation:
 
     def __init__(self, noise_std: float = 0.01, shift: float = 0.05) -> None:
         if noise_std < 0 or shift < 0:
-            raise ValueError(f"noise_std and shift must be >= 0, got {noise_std} and {shift}")
+            raise ConfigError(f"noise_std and shift must be >= 0, got {noise_std} and {shift}")
         self.noise_std, self.shift = float(noise_std), float(shift)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
+from monai_mtl.errors import ConfigError
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
 
 logger = logging.getLogger(__name__)
@@ -54,13 +55,15 @@ class TrustSettings:
     ood_precision: list
     ood_threshold: float
     ood_quantile: float
+    #: scans the thresholds were fitted on (0: not recorded, checkpoints calibrated before it was stored)
+    calibration_size: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrustSettings:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 # --- calibration ---------------------------------------------------------------------------------------
@@ -131,9 +134,28 @@ def conformal_quantile(scores: Sequence[float], coverage: float) -> float:
     """
     scores = np.sort(np.asarray(scores, dtype=float))
     if not 0.0 < coverage < 1.0:
-        raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+        raise ConfigError(f"coverage must be in (0, 1), got {coverage}")
     rank = math.ceil((len(scores) + 1) * coverage)
     return float(scores[rank - 1]) if rank <= len(scores) else float("inf")
+
+
+def coverage_range(calibration_size: int, test_size: int, coverage: float, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` range of the empirical coverage on ``test_size`` scans of a valid split-conformal procedure.
+
+    Calibrated on ``n = calibration_size`` exchangeable scans, the coverage given the calibration draw is
+    ``Beta(k, n + 1 - k)`` with ``k = ceil((n + 1) coverage)``, and the count covered among ``test_size``
+    new scans is beta-binomial (Vovk 2012; Angelopoulos & Bates 2021, section 3). An empirical coverage
+    outside this range is evidence against exchangeability; inside it, a figure away from ``coverage`` is
+    the sampling spread of parts this size (about +/- 6 points at 200 calibration and 200 test scans).
+    """
+    from scipy.stats import betabinom
+
+    k = math.ceil((calibration_size + 1) * coverage)
+    if k > calibration_size:
+        return 1.0, 1.0
+    counts = betabinom(test_size, k, calibration_size + 1 - k)
+    tail = (1.0 - level) / 2.0
+    return float(counts.ppf(tail) / test_size), float(counts.ppf(1.0 - tail) / test_size)
 
 
 def severity_intervals(pred_severity: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +277,10 @@ def trust_report(table: pd.DataFrame, raw_logits: torch.Tensor, settings: TrustS
         return {}
     labels = table["true_response"].to_numpy()
     inside = (table["true_severity"] >= table["severity_low"]) & (table["true_severity"] <= table["severity_high"])
+    expected = {}
+    if settings.calibration_size:
+        expected = {"calibration_size": settings.calibration_size,
+                    "coverage_expected_range": list(coverage_range(settings.calibration_size, len(table), settings.coverage))}
     return {
         "temperature": settings.temperature,
         "ece_before": expected_calibration_error(calibrated_probabilities(raw_logits), labels),
@@ -266,6 +292,7 @@ def trust_report(table: pd.DataFrame, raw_logits: torch.Tensor, settings: TrustS
         "class_mean_set_size": float(np.mean([len(s.split("|")) if s else 0 for s in table["response_set"]])),
         "class_empty_sets": float(np.mean([s == "" for s in table["response_set"]])),
         "ood_flagged_fraction": float(table["ood"].mean()),
+        **expected,
     }
 
 
@@ -316,7 +343,7 @@ def calibrate_checkpoint(
     settings = TrustSettings(
         temperature=temperature, coverage=float(coverage), severity_quantile=severity_q, class_quantile=class_q,
         ood_layer=ood_layer, ood_means=means.tolist(), ood_precision=precision.tolist(), ood_threshold=threshold,
-        ood_quantile=float(ood_quantile),
+        ood_quantile=float(ood_quantile), calibration_size=len(response),
     )
     state = load_state_dict_file(checkpoint)
     facts = read_run_metadata(checkpoint)

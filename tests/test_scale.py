@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from monai.transforms import Compose, MapTransform
 
@@ -92,3 +93,30 @@ def test_a_run_with_the_disk_cache_trains_and_fills_it(train_cohort, tmp_path):
     # the training chain's folder holds the training part; the evaluation chain's the validation and test parts
     assert len(cached) == len(split["train"]) + len(split["validation"]) + len(split["test"])
     assert json.loads((output / "test_metrics.json").read_text())["n"] == len(split["test"])
+
+
+@pytest.mark.slow
+def test_jobs_two_gives_the_fold_results_of_jobs_one(train_cohort, tmp_path):
+    from monai_mtl.crossval import cross_validate
+
+    overrides = {"max_epochs": 1, "batch_size": 8, "cache_workers": 1}
+    # the same intra-op threads in both, so the floating-point sums are the same
+    one = cross_validate(2, train_cohort, tmp_path / "one", overrides=overrides, jobs=1, threads=1)
+    two = cross_validate(2, train_cohort, tmp_path / "two", overrides=overrides, jobs=2, threads=1)
+    folds_one = pd.read_csv(tmp_path / "one" / "cv_folds.csv")
+    folds_two = pd.read_csv(tmp_path / "two" / "cv_folds.csv")
+    pd.testing.assert_frame_equal(folds_one, folds_two)
+    assert one["severity_mae"] == two["severity_mae"]
+    assert all((tmp_path / "two" / f"fold_{i}.log").is_file() for i in range(2))  # each child's output beside its folder
+    assert not (tmp_path / "one" / "fold_0.log").exists()  # one at a time: in the terminal
+
+
+@pytest.mark.slow
+def test_concurrent_runs_that_fail_are_named_together(train_cohort, tmp_path):
+    from monai_mtl.errors import RunError
+    from monai_mtl.runs import DEFAULT_CONFIG, RunRequest, run_trainings
+
+    requests = [RunRequest([DEFAULT_CONFIG], train_cohort, tmp_path / name, {"severity_loss": "cubic", "max_epochs": 1})
+                for name in ("a", "b")]
+    with pytest.raises(RunError, match=r"2 of 2 runs failed: .*run in .*a failed.*severity_loss.*run in .*b failed"):
+        run_trainings(requests, jobs=2)

@@ -16,6 +16,7 @@ from monai_mtl.trust import (
     calibrated_probabilities,
     class_sets,
     conformal_quantile,
+    coverage_range,
     expected_calibration_error,
     fit_ood,
     fit_temperature,
@@ -59,6 +60,22 @@ def test_conformal_quantile_is_the_finite_sample_rank():
         conformal_quantile(scores, 1.0)
 
 
+def test_coverage_range_holds_the_empirical_coverage_of_repeated_conformal_splits():
+    # 2000 repetitions of calibrate-on-192 / test-on-225 (the default run's parts) on exchangeable scores
+    rng = np.random.default_rng(3)
+    low, high = coverage_range(192, 225, 0.9)
+    assert low < 0.9 < high and high - low == pytest.approx(0.11, abs=0.02)
+    coverages = []
+    for _ in range(2000):
+        scores = rng.exponential(size=192 + 225)
+        q = conformal_quantile(scores[:192], 0.9)
+        coverages.append((scores[192:] <= q).mean())
+    inside = np.mean([low <= c <= high for c in coverages])
+    assert inside == pytest.approx(0.95, abs=0.02)
+    assert np.mean(coverages) == pytest.approx(np.ceil(193 * 0.9) / 193, abs=0.003)  # E[coverage] = k / (n + 1)
+    assert coverage_range(5, 10, 0.9) == (1.0, 1.0)  # too few scans: every interval unbounded
+
+
 def test_temperature_scaling_lowers_the_ece_of_an_over_confident_model():
     torch.manual_seed(0)
     true_logits = torch.randn(4000, 3) * 1.5
@@ -87,7 +104,8 @@ def test_training_calibrates_the_checkpoint_and_reports_coverage(trained_run):
     assert trust is not None and trust.coverage == 0.9 and trust.temperature > 0 and trust.ood_layer == "encoder"
     metrics = json.loads((trained_run / "test_metrics.json").read_text())["trust"]
     assert set(metrics) >= {"ece_before", "ece_after", "severity_coverage", "severity_mean_width", "class_set_coverage",
-                            "class_mean_set_size", "ood_flagged_fraction"}
+                            "class_mean_set_size", "ood_flagged_fraction", "coverage_expected_range"}
+    assert metrics["calibration_size"] == trust.calibration_size > 0
     predictions = pd.read_csv(trained_run / "test_predictions.csv", keep_default_na=False)
     inside = (predictions["true_severity"] >= predictions["severity_low"]) & (predictions["true_severity"] <= predictions["severity_high"])
     assert inside.mean() == pytest.approx(metrics["severity_coverage"])
