@@ -49,6 +49,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="acquisition sites: each has its own voxel size, slice thickness, bias field, contrast, Rician noise and "
         "artifact (recorded in cohort.json); labels.csv gets a 'site' column. 1: the paper's cohort",
     )
+    p.add_argument("--layout", choices=("csv", "bids"), default="csv",
+                   help="csv: images/ + labels.csv; bids: a BIDS dataset (participants.tsv, sub-<label>/anat/*_T1w.nii.gz)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_generate)
 
@@ -66,7 +68,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         severity_ranges=tuple((ranges[i], ranges[i + 1]) for i in range(0, 6, 2)),
     )
     generate_cohort(args.output, config, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
-                    sites=args.sites)
+                    sites=args.sites, layout=args.layout)
     return 0
 
 

@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from monai_mtl.cohort import CohortError, read_labels
+from monai_mtl.cohort import CohortError, read_cohort
 from monai_mtl.evaluation import report_from_predictions
 from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, prediction_table
@@ -138,7 +138,7 @@ def run_baseline(
 def _fit_classical_baseline(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike
 ) -> dict:
-    table = read_labels(Path(dataset_dir) / "labels.csv").set_index("subject_id", drop=False)
+    table = read_cohort(dataset_dir).set_index("subject_id", drop=False)
     split = json.loads(Path(split_file).read_text())
     missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]
     if missing:

@@ -35,8 +35,11 @@ def _line(index: int) -> int:
     return int(index) + 2
 
 
-def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
+def read_labels(csv_path: str | os.PathLike, response_column: str = "response", severity_column: str = "severity") -> pd.DataFrame:
     """Read and validate ``labels.csv``; returns it with ``image`` made absolute and typed columns.
+
+    ``response_column`` / ``severity_column``: the CSV's columns that hold the labels (renamed to
+    ``response`` and ``severity``).
 
     Raises:
         CohortError: a missing or empty file, a missing column, a response not in 0/1/2, a severity
@@ -51,11 +54,31 @@ def read_labels(csv_path: str | os.PathLike) -> pd.DataFrame:
         raise CohortError(f"{csv_path}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise CohortError(f"{csv_path}: not a readable CSV ({err})") from None
+    if response_column != "response" or severity_column != "severity":
+        absent = [c for c in (response_column, severity_column) if c not in table.columns]
+        if absent:
+            raise CohortError(f"{csv_path}: no column(s) {absent} (response_column / severity_column), "
+                              f"columns are {list(table.columns)}")
+        table = table.drop(columns=[c for c in ("response", "severity") if c in table.columns])
+        table = table.rename(columns={response_column: "response", severity_column: "severity"})
+    return validate_labels(table, csv_path)
+
+
+def validate_labels(table: pd.DataFrame, csv_path: str | os.PathLike) -> pd.DataFrame:
+    """Check a labels table read from ``csv_path`` (a ``labels.csv`` or a BIDS ``participants.tsv``).
+
+    Row ``i`` of ``table`` is line ``i + 2`` of that file. Returns the table with typed ``response`` and
+    ``severity`` and absolute ``image`` paths (relative ones taken from the file's folder).
+
+    Raises:
+        CohortError: as :func:`read_labels`.
+    """
+    csv_path = Path(csv_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise CohortError(f"{csv_path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
     if table.empty:
-        raise CohortError(f"{csv_path}: no subjects (the CSV has a header but no rows)")
+        raise CohortError(f"{csv_path}: no subjects (no rows with an image and labels)")
 
     for column in ("subject_id", "image"):
         blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
@@ -176,6 +199,23 @@ def check_disjoint(split: dict[str, list[str]]) -> None:
                 raise CohortError(f"split parts '{a}' and '{b}' share {len(shared)} subject(s), e.g. {sorted(shared)[:3]}")
 
 
+def read_cohort(
+    dataset_dir: str | os.PathLike, response_column: str = "response", severity_column: str = "severity",
+    session: str | None = None,
+) -> pd.DataFrame:
+    """The validated labels table of a cohort folder: a BIDS dataset (:mod:`monai_mtl.bids`) or a ``labels.csv`` folder.
+
+    ``session``: the BIDS session to use when subjects have several (default: the first of each).
+    """
+    from monai_mtl.bids import PARTICIPANTS, is_bids_root, read_bids_cohort
+
+    dataset_dir = Path(dataset_dir)
+    if is_bids_root(dataset_dir) and not (dataset_dir / "labels.csv").is_file():
+        table = read_bids_cohort(dataset_dir, response_column, severity_column, session)
+        return validate_labels(table, dataset_dir / PARTICIPANTS)
+    return read_labels(dataset_dir / "labels.csv", response_column, severity_column)
+
+
 def to_datalist(table: pd.DataFrame, subject_ids: list[str] | None = None) -> list[dict]:
     """MONAI datalist records ``{"image", "response", "severity", "subject_id"}`` in ``subject_ids`` order."""
     rows = table.set_index("subject_id", drop=False)
@@ -192,8 +232,10 @@ def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLi
 
     Any other folder without ``labels.csv`` is an error: real cohorts are never invented.
     """
+    from monai_mtl.bids import is_bids_root
+
     dataset_dir = Path(dataset_dir)
-    if (dataset_dir / "labels.csv").is_file():
+    if (dataset_dir / "labels.csv").is_file() or is_bids_root(dataset_dir):
         return dataset_dir
     if synthetic_dir is not None and dataset_dir.absolute() == Path(synthetic_dir).absolute():
         from monai_mtl.synthetic import generate_cohort
@@ -201,7 +243,8 @@ def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLi
         logger.info("no cohort in %s yet: generating the paper's synthetic cohort (1500 volumes, seed 42)", dataset_dir)
         generate_cohort(dataset_dir)
         return dataset_dir
-    raise CohortError(f"{dataset_dir}: no labels.csv (a cohort folder needs one; see README 'Bring your own scans')")
+    raise CohortError(f"{dataset_dir}: no labels.csv and not a BIDS dataset (no dataset_description.json); "
+                      "see README 'Bring your own scans'")
 
 
 def prepare_datalists(
@@ -214,6 +257,9 @@ def prepare_datalists(
     num_folds: int = 0,
     fold: int = 0,
     held_out_site: object = None,
+    response_column: str = "response",
+    severity_column: str = "severity",
+    bids_session: str | None = None,
 ) -> dict[str, list[dict]]:
     """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
 
@@ -223,12 +269,13 @@ def prepare_datalists(
 
     With ``num_folds > 1`` the test part is fold ``fold`` of a stratified k-fold partition
     (cross-validation); ``test_fraction`` is then unused. With ``held_out_site`` the test part is
-    that site's subjects (leave-one-site-out).
+    that site's subjects (leave-one-site-out). ``dataset_dir`` may be a BIDS dataset; ``response_column``,
+    ``severity_column`` and ``bids_session``: see :func:`read_cohort`.
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
     """
-    table = read_labels(Path(dataset_dir) / "labels.csv")
+    table = read_cohort(dataset_dir, response_column, severity_column, bids_session)
     if validate_images:
         check_images(table)
     settings = {"seed": int(seed), "test_fraction": float(test_fraction), "validation_fraction": float(validation_fraction)}

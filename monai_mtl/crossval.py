@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from monai_mtl.checkpoints import check_no_leakage
-from monai_mtl.cohort import read_labels
+from monai_mtl.cohort import read_cohort
 from monai_mtl.errors import CohortError
 from monai_mtl.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from monai_mtl.run_folder import RunLock
@@ -86,7 +86,7 @@ def check_partition(output_dir: str | os.PathLike, num_folds: int, dataset_dir: 
     if sum(map(len, tests)) != len(union):
         raise CohortError(f"the test parts of the folds in {output_dir} overlap: they do not partition the cohort")
     if dataset_dir is not None:
-        cohort = set(read_labels(Path(dataset_dir) / "labels.csv")["subject_id"])
+        cohort = set(read_cohort(dataset_dir)["subject_id"])
         if union != cohort:
             raise CohortError(
                 f"the folds in {output_dir} test {len(union)} subjects, the cohort in {dataset_dir} has {len(cohort)} "

@@ -106,7 +106,7 @@ def information_limit(
         CohortError: no ``cohort.json`` (not a generated cohort), a multi-site cohort (its acquisition
             chain is not in the noise model), or split subjects the cohort does not have.
     """
-    from monai_mtl.cohort import read_labels
+    from monai_mtl.cohort import read_cohort
     from monai_mtl.evaluation import bootstrap_intervals
     from monai_mtl.io import atomic_write_csv, atomic_write_json
     from monai_mtl.synthetic import COHORT_JSON
@@ -121,7 +121,7 @@ def information_limit(
     split = json.loads(split_file.read_text())
     if part not in split:
         raise CohortError(f"{split_file} has no part {part!r} (parts: {[k for k in split if isinstance(split[k], list)]})")
-    labels = read_labels(dataset_dir / "labels.csv").set_index("subject_id", drop=False)
+    labels = read_cohort(dataset_dir).set_index("subject_id", drop=False)
     missing = sorted(set(split[part]) - set(labels.index))[:3]
     if missing:
         raise CohortError(f"{split_file} names subjects that {dataset_dir} does not have, e.g. {missing}")

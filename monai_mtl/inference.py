@@ -25,6 +25,7 @@ from monai.transforms import SpatialResample
 from monai.visualize import GradCAM
 from torch import nn
 
+from monai_mtl.bids import is_bids_root, t1w_images
 from monai_mtl.errors import CohortError
 from monai_mtl.images import unreadable_error
 from monai_mtl.io import atomic_write_csv, atomic_write_nifti, nifti_image
@@ -55,7 +56,8 @@ def _record(index: int, path: str) -> dict:
 
 
 def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[dict]:
-    """One record per input, in order: every NIfTI-named entry of a folder (sorted), or every row of a CSV.
+    """One record per input, in order: every NIfTI-named entry of a folder (sorted), every row of a CSV, or
+    each subject's T1w image of a BIDS dataset (:func:`monai_mtl.bids.t1w_images`).
 
     Nothing is dropped: a blank ``image`` cell, a missing file, a broken link or a folder named like
     a NIfTI file (``.nii``, ``.nii.gz``, any case) gets a record with ``error`` set, which becomes its
@@ -78,6 +80,11 @@ def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") 
             else:
                 records.append(_record(i, cell if Path(cell).is_absolute() else str(source.parent / cell)))
         return records
+    if source.is_dir() and is_bids_root(source):
+        images = t1w_images(source)  # labels are not needed: every subject with a T1w image, in subject order
+        if not images:
+            raise CohortError(f"{source}: a BIDS dataset without T1w images (sub-<label>/[ses-<label>/]anat/*_T1w.nii[.gz])")
+        return [_record(i, images[subject]) for i, subject in enumerate(sorted(images))]
     if source.is_dir():
         entries = sorted(str(p) for p in source.iterdir() if _is_nifti(p))
         if not entries:

@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Spacing
 
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
-from monai_mtl.cohort import CohortError, read_labels, to_datalist
+from monai_mtl.cohort import CohortError, read_cohort, to_datalist
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock
@@ -119,7 +119,7 @@ def regrid_subjects(
     config = config_from_dict(meta["parameters"])
     fov = np.asarray(config.shape) * np.asarray(config.spacing_mm)
     grid = replace(config, shape=tuple(int(n) for n in shape), spacing_mm=tuple(float(v) for v in fov / np.asarray(shape)))
-    labels = read_labels(dataset_dir / "labels.csv").set_index("subject_id")
+    labels = read_cohort(dataset_dir).set_index("subject_id")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -172,7 +172,7 @@ def artifact_sweep(
         check_no_leakage(checkpoint, subject_ids)
     with RunLock(output_dir):
         model = CheckpointPredictor(checkpoint, device)
-        datalist = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), subject_ids)
+        datalist = to_datalist(read_cohort(dataset_dir), subject_ids)
         rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
         logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])
         for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
@@ -217,7 +217,7 @@ def leave_site_out(
     from monai_mtl.runs import RunRequest, run_trainings
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
-    labels = read_labels(dataset_dir / "labels.csv")
+    labels = read_cohort(dataset_dir)
     if "site" not in labels.columns or labels["site"].nunique() < 2:
         raise CohortError(f"{dataset_dir / 'labels.csv'}: leave-one-site-out needs a 'site' column with at least two sites")
     sites = sorted(labels["site"].astype(str).unique())

@@ -216,16 +216,22 @@ def release_run_folder(folder: str | os.PathLike) -> None:
 # --- settings ------------------------------------------------------------------------------------------
 
 def cohort_fingerprint(dataset_dir: str | os.PathLike, chunk: int = 65536) -> str:
-    """SHA-256 over ``labels.csv`` and each listed image's size and first and last ``chunk`` bytes.
+    """SHA-256 over ``labels.csv`` (a BIDS dataset's ``participants.tsv``) and each image's size and first and last ``chunk`` bytes.
 
     Cheap on real-size cohorts (two reads per file) and independent of where the folder lies, so a
     moved or copied cohort still resumes, while other images under the same ``labels.csv`` do not.
     """
+    from monai_mtl.bids import PARTICIPANTS, is_bids_root, t1w_images
     from monai_mtl.cohort import read_labels
 
     dataset_dir = Path(dataset_dir)
-    digest = hashlib.sha256((dataset_dir / "labels.csv").read_bytes())
-    for image in read_labels(dataset_dir / "labels.csv")["image"]:
+    if not (dataset_dir / "labels.csv").is_file() and is_bids_root(dataset_dir):  # participants.tsv and every T1w image
+        labels_file, images = dataset_dir / PARTICIPANTS, sorted(t1w_images(dataset_dir).values())
+    else:
+        labels_file = dataset_dir / "labels.csv"
+        images = read_labels(labels_file)["image"]
+    digest = hashlib.sha256(labels_file.read_bytes())
+    for image in images:
         size = os.path.getsize(image)
         with open(image, "rb") as f:
             head = f.read(chunk)

@@ -539,6 +539,10 @@ def _prepare_destination(output: Path, overwrite: bool) -> None:
         raise PermissionError(f"output's parent folder {parent} is not writable")
 
 
+#: ``generate --layout`` choices
+LAYOUTS = ("csv", "bids")
+
+
 def generate_cohort(
     output: str | os.PathLike,
     config: CohortConfig | None = None,
@@ -546,6 +550,7 @@ def generate_cohort(
     workers: int | None = None,
     progress: bool = True,
     sites: int = 1,
+    layout: str = "csv",
 ) -> pd.DataFrame:
     """Write a synthetic cohort to ``output`` and return its labels table.
 
@@ -560,6 +565,8 @@ def generate_cohort(
         progress: show a progress bar.
         sites: number of acquisition sites (:func:`draw_sites`); with more than one, ``labels.csv`` gets
             a ``site`` column and ``cohort.json`` the sites' acquisitions. 1 is the paper's cohort.
+        layout: ``csv`` (``images/`` + ``labels.csv``) or ``bids`` (a BIDS dataset: ``participants.tsv``,
+            ``sub-<label>/anat/sub-<label>_T1w.nii.gz``; see :func:`monai_mtl.bids.write_layout`).
 
     Example:
         >>> from monai_mtl.synthetic import CohortConfig, generate_cohort
@@ -570,6 +577,8 @@ def generate_cohort(
     acquisitions = tuple(draw_sites(config, sites)) if sites > 1 else ()
     if sites < 1:
         raise ValueError(f"sites must be at least 1, got {sites}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     output = Path(output).absolute()
     _prepare_destination(output, overwrite)
     workers = max(1, min(workers or os.cpu_count() or 1, 8, config.num_samples))
@@ -611,6 +620,10 @@ def generate_cohort(
             metadata["sites"] = [asdict(a) for a in acquisitions]
             metadata["site_counts"] = {str(k): int(v) for k, v in labels["site"].value_counts().sort_index().items()}
         (staging / COHORT_JSON).write_text(json.dumps(metadata, indent=2) + "\n")
+        if layout == "bids":
+            from monai_mtl.bids import write_layout
+
+            write_layout(staging, labels)
         _swap_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -443,7 +443,7 @@ def ood_report(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, outpu
     from sklearn.metrics import roc_auc_score
 
     from monai_mtl.checkpoints import CheckpointError, check_no_leakage
-    from monai_mtl.cohort import read_labels, to_datalist
+    from monai_mtl.cohort import read_cohort, to_datalist
     from monai_mtl.evaluation import CheckpointPredictor
     from monai_mtl.io import atomic_write_csv
     from monai_mtl.run_folder import RunLock
@@ -457,7 +457,7 @@ def ood_report(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, outpu
                               "(python -m monai.bundle run calibrating ...)")
     test_ids = json.loads((run_dir / "split.json").read_text())["test"]
     check_no_leakage(checkpoint, test_ids)
-    test = to_datalist(read_labels(Path(dataset_dir) / "labels.csv"), test_ids)
+    test = to_datalist(read_cohort(dataset_dir), test_ids)
     with RunLock(output_dir), tempfile.TemporaryDirectory(prefix="ood-") as tmp:
         scores = {"in_distribution": predictor.predict(test)}
         for kind, records in ood_scans(dataset_dir, test, tmp, per_kind, seed).items():

@@ -1,0 +1,99 @@
+"""BIDS datasets as cohorts: discovery with sessions, missing images and labels, extra columns; generate --layout bids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TRAIN_CONFIG, run_bundle
+from monai_mtl.__main__ import main
+from monai_mtl.cohort import CohortError, read_cohort, read_labels
+
+pytest.importorskip("bids")
+
+
+def _bids_from(cohort: Path, root: Path, n: int | None = None) -> pd.DataFrame:
+    """A hand-made BIDS dataset from a CSV cohort: two sessions for every third subject, extra columns,
+    one subject without labels and one listed subject without an image."""
+    labels = read_labels(cohort / "labels.csv").head(n)
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.9.0"}))
+    rows = []
+    for i, row in enumerate(labels.itertuples(index=False)):
+        subject = f"sub-{i:03d}"
+        sessions = ["1", "2"] if i % 3 == 0 else ["1"]
+        for session in sessions:
+            anat = root / subject / f"ses-{session}" / "anat"
+            anat.mkdir(parents=True)
+            image = nib.load(row.image)
+            scale = 1.0 if session == "1" else 0.5  # session 2 is another (darker) scan
+            nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * scale, image.affine), anat / f"{subject}_ses-{session}_T1w.nii.gz")
+        rows.append({"participant_id": subject, "age": 40 + i, "site": "A" if i % 2 else "B",
+                     "dx_class": row.response, "dx_severity": row.severity})
+    rows[1].update(dx_class="n/a", dx_severity="n/a")  # labels unknown
+    rows.append({"participant_id": "sub-999", "age": 50, "site": "A", "dx_class": 1, "dx_severity": 40.0})  # no image
+    pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
+    return labels
+
+
+def test_bids_discovery_with_sessions_missing_images_labels_and_extra_columns(tiny_cohort, tmp_path, caplog):
+    root = tmp_path / "bids"
+    labels = _bids_from(tiny_cohort, root, n=6)
+    with caplog.at_level(logging.INFO):
+        table = read_cohort(root, response_column="dx_class", severity_column="dx_severity")
+    assert table["subject_id"].tolist() == ["sub-000", "sub-002", "sub-003", "sub-004", "sub-005"]
+    assert table["response"].tolist() == labels["response"].drop(index=1).tolist()
+    assert {"age", "site"} <= set(table.columns)  # extra columns kept
+    assert all("ses-1" in p for p in table["image"])  # several sessions: the first
+    message = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(message) == 1 and "sub-999" in message[0] and "sub-001" in message[0]  # one message lists both
+    assert any("several sessions" in r.getMessage() and "sub-000" in r.getMessage() for r in caplog.records)
+
+    second = read_cohort(root, response_column="dx_class", severity_column="dx_severity", session="2")
+    assert second["subject_id"].tolist() == ["sub-000", "sub-003"] and all("ses-2" in p for p in second["image"])
+
+    with pytest.raises(CohortError, match=r"participants.tsv: no column\(s\) \['response', 'severity'\]"):
+        read_cohort(root)  # the default columns are not there
+
+
+def test_generate_layout_bids_is_valid_and_reads_as_the_csv_cohort(tmp_path):
+    from bids_validator import BIDSValidator
+
+    common = ["generate", "--num-samples", "6", "--seed", "3", "--no-progress", "--workers", "1"]
+    assert main([*common, "--output", str(tmp_path / "csv")]) == 0
+    assert main([*common, "--output", str(tmp_path / "bids"), "--layout", "bids"]) == 0
+    root = tmp_path / "bids"
+    ignored = set((root / ".bidsignore").read_text().split())
+    files = [p for p in root.rglob("*") if p.is_file() and p.name not in ignored and p.name != ".bidsignore"]
+    assert files and all(BIDSValidator().is_bids("/" + p.relative_to(root).as_posix()) for p in files)
+    assert not (root / "labels.csv").exists() and (root / "participants.json").is_file()
+    csv, bids = read_cohort(tmp_path / "csv"), read_cohort(root)
+    assert csv["subject_id"].tolist() == bids["subject_id"].tolist()
+    assert csv["response"].tolist() == bids["response"].tolist() and csv["severity"].tolist() == bids["severity"].tolist()
+    for a, b in zip(csv["image"], bids["image"]):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_bids_dataset_trains_and_predicts(train_cohort, tmp_path):
+    root = tmp_path / "bids"
+    _bids_from(train_cohort, root)
+    output = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(root), output_dir=str(output), max_epochs=1, batch_size=8,
+               cache_workers=1, response_column="dx_class", severity_column="dx_severity", bids_session="1")
+    split = json.loads((output / "split.json").read_text())
+    assert sum(len(split[k]) for k in ("train", "validation", "test")) == 59  # 60 subjects, one without labels
+    assert "sub-001" not in split["train"] + split["validation"] + split["test"]
+    predictions = tmp_path / "predictions"
+    run_bundle("run", str(Path(TRAIN_CONFIG).with_name("inference.json")), dataset_dir=str(root),
+               ckpt_path=str(output / "model.pt"), output_dir=str(predictions))
+    table = pd.read_csv(predictions / "predictions.csv")
+    assert len(table) == 60 and table["error"].isna().all()  # every subject with an image, labelled or not
+    shutil.rmtree(output / "tensorboard")
