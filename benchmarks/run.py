@@ -60,14 +60,14 @@ class TextbookCNN:
         return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(width, 4))
 
 
-def _train_throughput(net, channels_last: bool, steps: int, batch_size: int = 16) -> float:
+def _train_throughput(net, channels_last: bool, steps: int, batch_size: int = 16, shape=(64, 64, 16)) -> float:
     import torch
 
     from monai_mtl.losses import MultiTaskLoss
 
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format).train()
-    x = torch.rand(batch_size, 1, 64, 64, 16).contiguous(memory_format=memory_format)
+    x = torch.rand(batch_size, 1, *shape).contiguous(memory_format=memory_format)
     target = {"response": torch.randint(0, 3, (batch_size,)), "severity": torch.rand(batch_size)}
     loss_fn = MultiTaskLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-4)
@@ -243,6 +243,104 @@ def bench_infer(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _child_training(config_files: list[str], dataset_dir: Path, output_dir: Path, **overrides) -> dict:
+    """One ``python -m monai.bundle run training`` child: its wall time, peak RSS and logged epoch times."""
+    import re
+    import subprocess
+    import sys
+
+    config = str(config_files) if len(config_files) > 1 else config_files[0]
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config,
+               "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir)]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    log = output_dir.with_name(output_dir.name + ".log")
+    start = time.perf_counter()
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage: its peak RSS alone
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the benchmark run failed, see {log}")
+    text = log.read_text(errors="replace")
+    epochs = [int(h) * 3600 + int(m) * 60 + float(sec)
+              for h, m, sec in re.findall(r"Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", text)]
+    return {"seconds": seconds, "peak_gib": usage.ru_maxrss / 2**20, "epoch_seconds": epochs}
+
+
+def _subset_cohort(cohort: Path, n: int, target: Path) -> Path:
+    """A cohort folder of the first ``n`` subjects of ``cohort`` (labels.csv with absolute image paths)."""
+    import pandas as pd
+
+    from monai_mtl.cohort import read_labels
+
+    target.mkdir(parents=True, exist_ok=True)
+    read_labels(cohort / "labels.csv").head(n).to_csv(target / "labels.csv", index=False)
+    return target
+
+
+@bench("scale")
+def bench_scale(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Peak RSS and epoch time of one training epoch (bundle train.json) against cohort size, for each ``cache``."""
+    from monai_mtl.synthetic import CohortConfig, generate_cohort
+
+    sizes = sorted(args.scale_sizes)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.scale_tmp) as tmp:
+        cohort = Path(tmp) / "cohort"
+        generate_cohort(cohort, CohortConfig(num_samples=sizes[-1]), progress=False)
+        for n in sizes:
+            subset = _subset_cohort(cohort, n, Path(tmp) / f"n{n}")
+            for cache in args.scale_caches:
+                out = Path(tmp) / f"run_{n}_{cache}"
+                result = _child_training([str(CONFIGS / "train.json")], subset, out, max_epochs=1, cache=cache,
+                                         cache_dir=str(Path(tmp) / f"cache_{n}"))
+                rows.append((f"scale: {n} subjects at 64x64x16, cache {cache}: 1 training epoch "
+                             f"(whole run {result['seconds']:.0f} s)", f"{result['epoch_seconds'][0]:.0f} s/epoch",
+                             f"{result['peak_gib']:.2f} GiB RSS"))
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(Path(tmp) / f"cache_{n}", ignore_errors=True)
+        if args.highres_samples:
+            highres = Path(tmp) / "highres"
+            generate_cohort(highres, CohortConfig(num_samples=args.highres_samples, shape=(107, 128, 85),
+                                                  spacing_mm=(1.5, 1.5, 1.5)), progress=False)
+            out = Path(tmp) / "run_highres"
+            result = _child_training([str(CONFIGS / "train.json"), str(CONFIGS / "highres.json")], highres, out,
+                                     max_epochs=2, cache="auto", cache_dir=str(Path(tmp) / "cache_highres"))
+            rows.append((f"highres.json: {args.highres_samples} subjects at 1.5 mm (112x128x88), epoch 2 "
+                         f"(whole run of 2 epochs {result['seconds']:.0f} s)", f"{result['epoch_seconds'][-1]:.0f} s/epoch",
+                         f"{result['peak_gib']:.2f} GiB RSS"))
+    return rows
+
+
+@bench("highres")
+def bench_highres(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Training step and inference of the ``highres.json`` network on 112 x 128 x 88 volumes, beside the default's."""
+    import torch
+
+    rows = []
+    for name, config_files, shape, batch in (("default", ["train.json"], (64, 64, 16), 16),
+                                             ("highres.json", ["train.json", "highres.json"], (112, 128, 88), 8)):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / c) for c in config_files])
+        network = parser.get_parsed_content("network_def")
+        rate = _train_throughput(network, channels_last=True, steps=max(2, args.train_steps // (4 if batch == 8 else 1)),
+                                 batch_size=batch, shape=shape)
+        rows.append((f"train step: {name} network on {'x'.join(map(str, shape))} (batch {batch})", "", f"{rate:.1f} vol/s"))
+        network.eval()
+        x = torch.randn(batch, 1, *shape).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            network(x)
+            start = time.perf_counter()
+            for _ in range(3):
+                network(x)
+        rows.append((f"inference forward: {name} network (batch {batch})", "",
+                     f"{3 * batch / (time.perf_counter() - start):.1f} vol/s"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="benchmarks to run (default: all)")
@@ -251,6 +349,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps of our network")
     parser.add_argument("--loop-samples", type=int, default=1500, help="cohort size for the training-loop benchmark")
     parser.add_argument("--augment-samples", type=int, default=300, help="volumes for the augmentation benchmark")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=[1000, 4000, 10000], help="cohort sizes of 'scale'")
+    parser.add_argument("--scale-caches", nargs="+", default=["memory", "disk"], help="cache settings of 'scale'")
+    parser.add_argument("--highres-samples", type=int, default=60, help="subjects of the highres row of 'scale' (0: none)")
+    parser.add_argument("--scale-tmp", default=None, help="folder for the 'scale' cohorts and caches (default: the system's)")
     args = parser.parse_args()
     import torch
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,10 +228,15 @@ def to_datalist(table: pd.DataFrame, subject_ids: list[str] | None = None) -> li
     ]
 
 
-def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLike | None = None) -> Path:
+def ensure_cohort(
+    dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLike | None = None,
+    shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None,
+) -> Path:
     """Return ``dataset_dir``, generating the paper's synthetic cohort first when it is ``synthetic_dir`` and empty.
 
-    Any other folder without ``labels.csv`` is an error: real cohorts are never invented.
+    ``shape`` / ``spacing``: the grid to render it on (default: the paper's 64 x 64 x 16 at 2.5 x 3 x 8 mm;
+    ``highres.json`` renders the same anatomy at 1.5 mm). Any other folder without ``labels.csv`` is an
+    error: real cohorts are never invented.
     """
     from monai_mtl.bids import is_bids_root
 
@@ -238,10 +244,13 @@ def ensure_cohort(dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLi
     if (dataset_dir / "labels.csv").is_file() or is_bids_root(dataset_dir):
         return dataset_dir
     if synthetic_dir is not None and dataset_dir.absolute() == Path(synthetic_dir).absolute():
-        from monai_mtl.synthetic import generate_cohort
+        from monai_mtl.synthetic import CohortConfig, generate_cohort
 
-        logger.info("no cohort in %s yet: generating the paper's synthetic cohort (1500 volumes, seed 42)", dataset_dir)
-        generate_cohort(dataset_dir)
+        grid = {k: tuple(v) for k, v in (("shape", shape), ("spacing_mm", spacing)) if v is not None}
+        config = replace(CohortConfig(), **grid)
+        logger.info("no cohort in %s yet: generating the paper's synthetic cohort (1500 volumes, seed 42, %s voxels of %s mm)",
+                    dataset_dir, "x".join(map(str, config.shape)), "x".join(f"{v:g}" for v in config.spacing_mm))
+        generate_cohort(dataset_dir, config)
         return dataset_dir
     raise CohortError(f"{dataset_dir}: no labels.csv and not a BIDS dataset (no dataset_description.json); "
                       "see README 'Bring your own scans'")
