@@ -5,8 +5,10 @@ the baselines' ``test_metrics.json``, and writes a markdown table (paper vs ours
 with each row's command, seed, epochs and training wall time. With ``--readme README.md`` it
 replaces the generated blocks of the README (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``):
 ``results`` (that table), ``robustness`` (the artifact sweep of the default model beside the paper
-preset), ``leave-site-out``, ``trust`` (calibration and conformal coverage) and ``ood`` (the OOD flag per
-kind of scan); a block whose runs are missing is left as it is. With ``--bundle
+preset), ``leave-site-out``, ``trust`` (calibration and conformal coverage), ``ood`` (the OOD flag per
+kind of scan) and ``cv-comparison`` (the default model's CV beside other recipes' and the single-task
+models' on the same folds, paired by fold; also written to ``docs/results/cv_comparison.md``); a block
+whose runs are missing is left as it is. With ``--bundle
 bundle`` it also writes the ``results`` block of ``bundle/docs/README.md`` and the ``eval_metrics``
 of ``bundle/configs/metadata.json``.
 """
@@ -149,6 +151,87 @@ def _cv_cells(cv_dir: Path, reference: Path | None = None) -> tuple[str, str, st
     accuracy = f"{100 * summary['accuracy']['mean']:.1f}% ± {100 * summary['accuracy']['std']:.1f}"
     mae = f"{summary['severity_mae']['mean']:.2f} ± {summary['severity_mae']['std']:.2f}"
     return accuracy, mae, _minutes(wall)
+
+
+@dataclass(frozen=True)
+class CvComparison:
+    """A cross-validation compared fold by fold with the default model's (the same folds, other config files)."""
+
+    label: str
+    cv_dir: str
+    config_files: tuple[str, ...]
+    tasks: tuple[str, ...] = ("response", "severity")
+
+    @property
+    def command(self) -> str:
+        return (f"`python -m monai_mtl cv --folds 5 --config-file {' '.join(self.config_files)} "
+                f"--output-dir {self.cv_dir}`")
+
+
+CV_COMPARISONS = (
+    CvComparison("the paper's recipe (`paper.json`)", "runs/cv_paper",
+                 ("bundle/configs/train.json", "bundle/configs/paper.json")),
+    CvComparison("single-task CNN, response only", "runs/cv_single_task_response",
+                 ("bundle/configs/train.json", "bundle/configs/baselines/single_task_response.json"), ("response",)),
+    CvComparison("single-task CNN, severity only", "runs/cv_single_task_severity",
+                 ("bundle/configs/train.json", "bundle/configs/baselines/single_task_severity.json"), ("severity",)),
+    CvComparison("MONAI 3D ResNet-18, two heads", "runs/cv_resnet18",
+                 ("bundle/configs/train.json", "bundle/configs/baselines/resnet18.json")),
+)
+
+
+def _fold_tests(cv_dir: Path, num_folds: int) -> list[list[str]] | None:
+    files = [cv_dir / f"fold_{i}" / "split.json" for i in range(num_folds)]
+    return [json.loads(f.read_text())["test"] for f in files] if all(f.is_file() for f in files) else None
+
+
+def cv_comparison_table(root: str | os.PathLike = ".", reference: str = "runs/cv",
+                        comparisons: tuple[CvComparison, ...] = CV_COMPARISONS) -> str | None:
+    """The default model's CV beside each finished comparison CV of the same folds, with paired per-fold differences.
+
+    A difference is the default model's figure minus the other's, per fold (accuracy: positive favours
+    ours; MAE: negative favours ours); ``k/5`` counts the folds where ours is at least as good.
+    """
+    root = Path(root)
+    folds_file = root / reference / "cv_folds.csv"
+    if not folds_file.is_file():
+        return None
+    ours = pd.read_csv(folds_file).sort_values("fold").reset_index(drop=True)
+    tests = _fold_tests(root / reference, len(ours))
+
+    def spread(values: pd.Series, percent: bool = False) -> str:
+        scale, unit, digits = (100.0, "%", 1) if percent else (1.0, "", 2)
+        return f"{scale * values.mean():.{digits}f}{unit} ± {scale * values.std(ddof=1):.{digits}f}"
+
+    lines = ["| model | command | CV accuracy | CV severity MAE | ours − it: accuracy (folds ours ≥) "
+             "| ours − it: MAE (folds ours ≤) |", "|---|---|---|---|---|---|",
+             f"| **ours** (default) | `python -m monai_mtl cv --folds 5` | {spread(ours['accuracy'], True)} "
+             f"| {spread(ours['severity_mae'])} | | |"]
+    found = 0
+    for comparison in comparisons:
+        other_file = root / comparison.cv_dir / "cv_folds.csv"
+        if not other_file.is_file():
+            continue
+        other = pd.read_csv(other_file).sort_values("fold").reset_index(drop=True)
+        if len(other) != len(ours) or _fold_tests(root / comparison.cv_dir, len(other)) != tests:
+            logger.warning("%s was not run on the folds of %s: left out of the comparison", comparison.cv_dir, reference)
+            continue
+        found += 1
+        cells = []
+        for task, column, percent, better in (("response", "accuracy", True, lambda d: d >= 0),
+                                              ("severity", "severity_mae", False, lambda d: d <= 0)):
+            if task not in comparison.tasks:
+                cells += ["— (not trained)", "—"]
+                continue
+            difference = ours[column] - other[column]
+            cells += [spread(other[column], percent),
+                      f"{spread(difference, percent)} ({int(better(difference).sum())}/{len(difference)})"]
+        lines.append(f"| {comparison.label} | {comparison.command} | {cells[0]} | {cells[2]} | {cells[1]} | {cells[3]} |")
+    if not found:
+        return None
+    return (f"Generated by `python -m monai_mtl results --readme README.md` from `{reference}/cv_folds.csv` and each "
+            "compared CV's; every CV on the same five folds (split seed 42), differences paired by fold.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT_ROWS, cv_dir: str = "runs/cv") -> str:
@@ -373,8 +456,12 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
         full = robustness_table(root)
         if full is not None:  # the README shows the compact table; the whole sweep is a generated file beside it
             atomic_write_text(Path(readme).parent / "docs" / "results" / "robustness.md", "# Robustness sweep\n\n" + full)
+        comparison = cv_comparison_table(root)
+        if comparison is not None:  # the fold-by-fold comparison, a generated file beside the README
+            atomic_write_text(Path(readme).parent / "docs" / "results" / "cv_comparison.md",
+                              "# Cross-validation, fold by fold\n\n" + comparison)
         blocks = (("robustness", robustness_table(root, compact=True)), ("leave-site-out", leave_site_out_table(root)),
-                  ("trust", trust_table(root)), ("ood", ood_table(root)))
+                  ("trust", trust_table(root)), ("ood", ood_table(root)), ("cv-comparison", comparison))
         for name, block in blocks:
             if block is None:
                 logger.warning("no runs for the %s block of %s: left as it is", name, readme)
@@ -387,7 +474,7 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
 
 
 __all__ = [
-    "Row", "DEFAULT_ROWS", "run_timing", "results_table", "robustness_table", "leave_site_out_table", "trust_table",
+    "Row", "DEFAULT_ROWS", "CvComparison", "CV_COMPARISONS", "cv_comparison_table", "run_timing", "results_table", "robustness_table", "leave_site_out_table", "trust_table",
     "ood_table", "README_FIGURES", "copy_figures", "update_block",
     "update_readme", "update_bundle_metadata", "write_all",
 ]

@@ -93,3 +93,30 @@ def test_readme_without_markers_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "t.md"), "--readme", str(tmp_path / "README.md")])
     assert exit_info.value.code == 2 and "results:start" in capsys.readouterr().err
+
+
+def _fake_cv(folder, accuracy, mae, tests):
+    for i, test in enumerate(tests):
+        (folder / f"fold_{i}").mkdir(parents=True)
+        (folder / f"fold_{i}" / "split.json").write_text(json.dumps({"train": [], "validation": [], "test": test}))
+    pd.DataFrame({"fold": range(len(tests)), "n": [len(t) for t in tests], "accuracy": accuracy,
+                  "severity_mae": mae}).to_csv(folder / "cv_folds.csv", index=False)
+
+
+def test_cv_comparison_pairs_the_folds_and_counts_the_folds_ours_wins(tmp_path):
+    from monai_mtl.report import cv_comparison_table
+
+    runs, tests = tmp_path / "runs", [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert cv_comparison_table(tmp_path) is None  # no CV yet
+    _fake_cv(runs / "cv", [1.0, 0.99, 0.98], [2.0, 3.0, 4.0], tests)
+    assert cv_comparison_table(tmp_path) is None  # nothing to compare with
+    _fake_cv(runs / "cv_single_task_severity", [0.3, 0.3, 0.3], [2.5, 2.5, 5.0], tests)
+    _fake_cv(runs / "cv_paper", [0.98, 0.99, 0.99], [3.0, 3.0, 3.0], tests)
+    _fake_cv(runs / "cv_resnet18", [0.9, 0.9, 0.9], [9.0, 9.0, 9.0], [["a", "b"], ["c", "e"], ["d", "f"]])  # other folds
+    table = cv_comparison_table(tmp_path)
+    # severity-only: ours - it = -0.5, +0.5, -1.0 -> mean -0.33, sd 0.76; ours at least as good on 2 of 3 folds
+    assert "| single-task CNN, severity only |" in table and "— (not trained)" in table
+    assert "-0.33 ± 0.76 (2/3)" in table
+    # the paper's recipe: accuracy +2, 0, -1 points -> 0.3% ± 1.5, 2/3 folds; MAE -1, 0, +1 -> 0.00 ± 1.00, 2/3
+    assert "0.3% ± 1.5 (2/3)" in table and "0.00 ± 1.00 (2/3)" in table
+    assert "ResNet-18" not in table  # not the same folds: left out
