@@ -244,7 +244,8 @@ def bench_infer(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 
 def _child_training(config_files: list[str], dataset_dir: Path, output_dir: Path, **overrides) -> dict:
-    """One ``python -m monai.bundle run training`` child: its wall time, peak RSS and logged epoch times."""
+    """One ``python -m monai.bundle run training`` child: its wall time, peak RSS and the trainer's logged epoch times
+    (ignite's "Epoch[n] Complete": the training steps plus the epoch's handlers, batch-norm recalibration and validation)."""
     import re
     import subprocess
     import sys
@@ -264,7 +265,7 @@ def _child_training(config_files: list[str], dataset_dir: Path, output_dir: Path
         raise RuntimeError(f"the benchmark run failed, see {log}")
     text = log.read_text(errors="replace")
     epochs = [int(h) * 3600 + int(m) * 60 + float(sec)
-              for h, m, sec in re.findall(r"Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", text)]
+              for h, m, sec in re.findall(r"MultiTaskTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", text)]
     return {"seconds": seconds, "peak_gib": usage.ru_maxrss / 2**20, "epoch_seconds": epochs}
 
 
