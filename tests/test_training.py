@@ -186,3 +186,18 @@ def test_a_cohort_of_another_shape_spacing_orientation_and_dtype_trains(tmp_path
     run_bundle("training", TRAIN_CONFIG, dataset_dir=str(cohort), output_dir=str(out), max_epochs=1, batch_size=8, cache_workers=1)
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["n"] == len(json.loads((out / "split.json").read_text())["test"])
+
+
+def test_severity_loss_choices_are_the_mean_absolute_error_and_huber():
+    from monai_mtl.errors import ConfigError
+
+    pred = torch.tensor([[0.0, 0.0, 0.0, 0.30], [0.0, 0.0, 0.0, 0.90]])
+    target = {"response": torch.tensor([0, 1]), "severity": torch.tensor([0.50, 0.88])}
+    l1 = MultiTaskLoss(severity_loss="l1")
+    l1(pred, target)
+    assert l1.last_components["loss_severity"] == pytest.approx((0.20 + 0.02) / 2, rel=1e-5)
+    huber = MultiTaskLoss(severity_loss="huber", huber_delta=0.05)  # quadratic below 5 points, linear above
+    huber(pred, target)
+    assert huber.last_components["loss_severity"] == pytest.approx((0.05 * (0.20 - 0.025) + 0.5 * 0.02**2) / 2, rel=1e-5)
+    with pytest.raises(ConfigError, match="severity_loss must be one of"):
+        MultiTaskLoss(severity_loss="cubic")
