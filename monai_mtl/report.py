@@ -345,6 +345,14 @@ def trust_table(root: str | os.PathLike = ".", run_dir: str = "runs/train", cv_d
     level = f"{100 * trust['coverage_level']:.0f}%"
 
     expected = trust.get("coverage_expected_range")
+    split_file = Path(root) / run_dir / "split.json"
+    if expected is None and split_file.is_file():
+        # runs calibrated before the range was stored: calibrate_checkpoint always fits on the whole validation part
+        from monai_mtl.trust import coverage_range
+
+        split = json.loads(split_file.read_text())
+        trust = {**trust, "calibration_size": len(split["validation"])}
+        expected = list(coverage_range(len(split["validation"]), len(split["test"]), trust["coverage_level"]))
 
     def cells(key: str, percent: bool = False, digits: int = 3) -> str:
         value = f"{100 * trust[key]:.1f}%" if percent else f"{trust[key]:.{digits}f}"
