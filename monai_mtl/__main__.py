@@ -49,6 +49,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="acquisition sites: each has its own voxel size, slice thickness, bias field, contrast, Rician noise and "
         "artifact (recorded in cohort.json); labels.csv gets a 'site' column. 1: the paper's cohort",
     )
+    p.add_argument("--covariates", action="store_true",
+                   help="add clinical covariates (age, sex, baseline_score, genotype, prior_treatments) that change the "
+                   "observed response for some subjects: see monai_mtl/clinical.py")
     p.add_argument("--layout", choices=("csv", "bids"), default="csv",
                    help="csv: images/ + labels.csv; bids: a BIDS dataset (participants.tsv, sub-<label>/anat/*_T1w.nii.gz)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -68,7 +71,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         severity_ranges=tuple((ranges[i], ranges[i + 1]) for i in range(0, 6, 2)),
     )
     generate_cohort(args.output, config, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
-                    sites=args.sites, layout=args.layout)
+                    sites=args.sites, layout=args.layout, covariates=args.covariates)
     return 0
 
 

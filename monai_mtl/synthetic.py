@@ -493,8 +493,8 @@ def render_atlas(config: CohortConfig) -> np.ndarray:
     return weights.argmax(axis=0).astype(np.uint8)
 
 
-def _write_subject(args: tuple[CohortConfig, int, str, tuple[SiteAcquisition, ...]]) -> dict:
-    config, index, root, sites = args
+def _write_subject(args: tuple[CohortConfig, int, str, tuple[SiteAcquisition, ...], bool]) -> dict:
+    config, index, root, sites, covariates = args
     acquisition = sites[site_of(config.seed, index, len(sites))] if len(sites) > 1 else None
     subject, image = render_subject(config, index, acquisition)
     affine = config.affine if acquisition is None else replace(
@@ -510,6 +510,10 @@ def _write_subject(args: tuple[CohortConfig, int, str, tuple[SiteAcquisition, ..
     }
     if acquisition is not None:
         row["site"] = acquisition.site
+    if covariates:
+        from monai_mtl.clinical import with_covariates
+
+        row = {**with_covariates(row, config.seed, index), "biological_response": subject.response}
     return row
 
 
@@ -551,6 +555,7 @@ def generate_cohort(
     progress: bool = True,
     sites: int = 1,
     layout: str = "csv",
+    covariates: bool = False,
 ) -> pd.DataFrame:
     """Write a synthetic cohort to ``output`` and return its labels table.
 
@@ -565,6 +570,8 @@ def generate_cohort(
         progress: show a progress bar.
         sites: number of acquisition sites (:func:`draw_sites`); with more than one, ``labels.csv`` gets
             a ``site`` column and ``cohort.json`` the sites' acquisitions. 1 is the paper's cohort.
+        covariates: add the clinical covariates of :mod:`monai_mtl.clinical` (``age``, ``sex``,
+            ``baseline_score``, ``genotype``, ``prior_treatments``); the response becomes the observed one.
         layout: ``csv`` (``images/`` + ``labels.csv``) or ``bids`` (a BIDS dataset: ``participants.tsv``,
             ``sub-<label>/anat/sub-<label>_T1w.nii.gz``; see :func:`monai_mtl.bids.write_layout`).
 
@@ -586,7 +593,7 @@ def generate_cohort(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
         (staging / IMAGES_DIR).mkdir()
-        jobs = [(config, index, str(staging), acquisitions) for index in range(config.num_samples)]
+        jobs = [(config, index, str(staging), acquisitions, covariates) for index in range(config.num_samples)]
         bar = tqdm(total=config.num_samples, desc="generating cohort", unit="vol", disable=not progress)
         if workers == 1:
             rows = []
@@ -603,7 +610,13 @@ def generate_cohort(
                     bar.update()
         bar.close()
         columns = ["subject_id", "image", "response", "response_name", "severity"] + (["site"] if acquisitions else [])
+        if covariates:
+            from monai_mtl.clinical import COVARIATE_COLUMNS
+
+            columns += list(COVARIATE_COLUMNS)
         labels = pd.DataFrame(rows, columns=columns)
+        if covariates:  # prior_treatments and age stay integers; a missing cell is empty in the CSV
+            biological = [row["biological_response"] for row in rows]
         labels.to_csv(staging / LABELS_CSV, index=False)
         nib.save(nifti_image(render_atlas(config), config.affine), staging / ATLAS_FILE)
         counts = labels["response_name"].value_counts()
@@ -616,6 +629,10 @@ def generate_cohort(
             "class_counts": {name: int(counts.get(name, 0)) for name in RESPONSE_NAMES},
             "atlas_labels": {str(k): v for k, v in ATLAS_LABELS.items()},
         }
+        if covariates:
+            from monai_mtl.clinical import covariate_facts
+
+            metadata["covariates"] = covariate_facts(labels, biological)
         if acquisitions:
             metadata["sites"] = [asdict(a) for a in acquisitions]
             metadata["site_counts"] = {str(k): int(v) for k, v in labels["site"].value_counts().sort_index().items()}

@@ -1,0 +1,118 @@
+"""Clinical covariates as network inputs: an encoding fitted on the training part and stored in the checkpoint.
+
+The ``covariates`` config key lists ``labels.csv`` (or ``participants.tsv``) columns. On the training
+part only, :meth:`CovariateEncoding.fit` decides each column's kind and its parameters:
+
+- **numeric** (every present value parses as a number): standardised with the training part's mean and
+  standard deviation; a missing value becomes 0 (the training mean);
+- **text**: one-hot over the categories seen in the training part (sorted); a missing value is all zeros;
+  a category the training part never had is all zeros too, and logged (with the subject) by
+  :meth:`CovariateEncoding.encode`;
+- and for every column a **missing indicator** (1 where the value is missing or an unknown category), so
+  the network can tell "average" from "unknown".
+
+A test-part value never changes the encoding (it is fitted before the other parts are encoded); the
+encoding is stored in ``model.pt`` beside the preprocessing, so evaluation and inference encode exactly
+as training did. A listed column absent from the table is a :class:`~monai_mtl.errors.CohortError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from monai_mtl.errors import CohortError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CovariateEncoding:
+    """How each covariate column becomes network inputs (see the module's documentation)."""
+
+    columns: list[str]
+    numeric: dict[str, list[float]] = field(default_factory=dict)  # column -> [mean, std]
+    categories: dict[str, list[str]] = field(default_factory=dict)  # column -> training categories
+
+    @classmethod
+    def fit(cls, table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv") -> CovariateEncoding:
+        """Fit the encoding of ``columns`` on ``table`` (the training part)."""
+        check_columns(table, columns, source)
+        numeric, categories = {}, {}
+        for column in columns:
+            present = table[column].dropna()
+            values = pd.to_numeric(present, errors="coerce")
+            if len(present) and values.notna().all():
+                std = float(values.std(ddof=0)) if len(values) > 1 else 0.0
+                numeric[column] = [float(values.mean()), std if std > 0 else 1.0]
+            else:
+                categories[column] = sorted({str(v).strip() for v in present})
+        return cls(list(columns), numeric, categories)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The name of each encoded feature, in order (one-hot: ``column=category``; indicators: ``column:missing``)."""
+        names = []
+        for column in self.columns:
+            names += [column] if column in self.numeric else [f"{column}={c}" for c in self.categories[column]]
+            names.append(f"{column}:missing")
+        return names
+
+    @property
+    def size(self) -> int:
+        return len(self.feature_names)
+
+    def encode(self, table: pd.DataFrame, source: str = "labels.csv") -> np.ndarray:
+        """``(len(table), size)`` float32 features of ``table``'s rows; unknown categories logged with their subjects."""
+        check_columns(table, self.columns, source)
+        blocks = []
+        for column in self.columns:
+            raw = table[column]
+            missing = raw.isna().to_numpy()
+            if column in self.numeric:
+                mean, std = self.numeric[column]
+                values = pd.to_numeric(raw, errors="coerce")
+                bad = values.isna().to_numpy() & ~missing
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise CohortError(f"{source}: column '{column}' is numeric in the training part, but "
+                                      f"{_who(table, i)} has {raw.iloc[i]!r}")
+                block = ((values.fillna(mean).to_numpy(dtype=float) - mean) / std)[:, None]
+            else:
+                known = self.categories[column]
+                text = raw.astype(object).where(~raw.isna(), None)
+                text = np.array([None if v is None else str(v).strip() for v in text], dtype=object)
+                block = np.stack([(text == c) for c in known], axis=1).astype(float) if known else np.zeros((len(raw), 0))
+                unknown = np.array([v is not None and v not in known for v in text])
+                if unknown.any():
+                    logger.warning("%s: column '%s' has categories the training part did not have, encoded as missing: %s",
+                                   source, column, ", ".join(f"{_who(table, i)}: {text[i]!r}" for i in np.flatnonzero(unknown)[:5]))
+                    missing = missing | unknown
+            blocks += [block, missing[:, None].astype(float)]
+        return np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(table), 0), np.float32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CovariateEncoding:
+        return cls(list(data["columns"]), dict(data.get("numeric", {})), dict(data.get("categories", {})))
+
+
+def check_columns(table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv") -> None:
+    """Refuse covariate columns that ``table`` lacks, naming them and the columns it has."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise CohortError(f"{source}: covariate column(s) {missing} (the covariates key) not found; "
+                          f"its columns are {list(table.columns)}")
+
+
+def _who(table: pd.DataFrame, i: int) -> str:
+    return f"subject {table['subject_id'].iloc[i]}" if "subject_id" in table.columns else f"row {i + 1}"
+
+
+__all__ = ["CovariateEncoding", "check_columns"]

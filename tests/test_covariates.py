@@ -1,0 +1,70 @@
+"""Clinical covariates: the generator's columns and effect, and the encoding fitted on the training part."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from monai_mtl.clinical import COVARIATE_COLUMNS, observed_response
+from monai_mtl.covariates import CovariateEncoding
+from monai_mtl.errors import CohortError
+from monai_mtl.synthetic import CohortConfig, generate_cohort
+
+
+def test_generate_covariates_adds_the_columns_and_moves_some_responses_only(tmp_path):
+    config = CohortConfig(num_samples=40, seed=5)
+    plain = generate_cohort(tmp_path / "plain", config, workers=1, progress=False)
+    fused = generate_cohort(tmp_path / "fused", config, workers=1, progress=False, covariates=True)
+    assert list(fused.columns[-len(COVARIATE_COLUMNS):]) == list(COVARIATE_COLUMNS)
+    assert list(plain.columns) == list(fused.columns[:-len(COVARIATE_COLUMNS)])  # nothing else added
+    # the scans and severities are those of the cohort without covariates
+    assert (plain["severity"] == fused["severity"]).all()
+    for a, b in zip(plain["image"], fused["image"]):
+        assert (tmp_path / "plain" / a).read_bytes() == (tmp_path / "fused" / b).read_bytes()
+    # only the rule moves a response: one class down for ultrarapid metabolisers and after 3+ prior treatments
+    csv = pd.read_csv(tmp_path / "fused" / "labels.csv")
+    moved = csv["response"] != plain["response"]
+    assert moved.any() and (csv["response"] <= plain["response"]).all()
+    facts = json.loads((tmp_path / "fused" / "cohort.json").read_text())["covariates"]
+    assert facts["responses_moved"] == int(moved.sum()) and facts["columns"] == list(COVARIATE_COLUMNS)
+    assert not (csv.loc[moved, "prior_treatments"].lt(3) & csv.loc[moved, "genotype"].isin(["poor", "intermediate", "normal"])).any()
+    assert observed_response(2, "ultrarapid", 4) == 0 and observed_response(0, "ultrarapid", 0) == 0
+
+
+def _table():
+    return pd.DataFrame({"subject_id": ["a", "b", "c", "d"], "age": [20, 40, None, 60],
+                         "genotype": ["poor", "normal", "normal", None], "sex": ["F", "M", "F", "M"]})
+
+
+def test_encoding_standardises_one_hots_and_flags_missing_values():
+    encoding = CovariateEncoding.fit(_table(), ["age", "genotype"])
+    assert encoding.numeric["age"] == pytest.approx([40.0, np.std([20, 40, 60])])
+    assert encoding.categories["genotype"] == ["normal", "poor"]
+    assert encoding.feature_names == ["age", "age:missing", "genotype=normal", "genotype=poor", "genotype:missing"]
+    x = encoding.encode(_table())
+    assert x.shape == (4, 5) and x.dtype == np.float32
+    assert x[2, 0] == 0.0 and x[2, 1] == 1.0  # missing age: the training mean, flagged
+    assert list(x[3, 2:]) == [0.0, 0.0, 1.0]  # missing genotype: no category, flagged
+    assert CovariateEncoding.from_dict(json.loads(json.dumps(encoding.to_dict()))) == encoding
+
+
+def test_encoding_is_fitted_on_the_training_part_only_and_logs_unknown_categories(caplog):
+    train, test = _table().iloc[:3], _table().iloc[3:].copy()
+    encoding = CovariateEncoding.fit(train, ["age", "genotype"])
+    test.loc[:, "age"], test.loc[:, "genotype"] = 1000, "ultrarapid"
+    before = encoding.to_dict()
+    with caplog.at_level(logging.WARNING):
+        x = encoding.encode(test)
+    assert encoding.to_dict() == before  # a test-part value never changes the encoding
+    assert x[0, 0] == pytest.approx((1000 - 30) / 10)  # standardised with the training part's mean and std
+    assert list(x[0, 2:]) == [0.0, 0.0, 1.0]  # unknown category: encoded as missing ...
+    assert "ultrarapid" in caplog.text and "subject d" in caplog.text  # ... and logged with its subject
+
+
+def test_a_listed_covariate_the_table_lacks_is_refused():
+    with pytest.raises(CohortError, match=r"covariate column\(s\) \['bmi'\].*not found"):
+        CovariateEncoding.fit(_table(), ["age", "bmi"])
