@@ -198,11 +198,12 @@ class BestModelSaver:
 
     def __init__(
         self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None,
-        preprocessing: Any = None,
+        preprocessing: Any = None, covariates: Any = None,
     ) -> None:
         self.path, self.network = Path(path), network
         self.split = {k: list(v) for k, v in (split or {}).items()}
         self.preprocessing = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else preprocessing
+        self.covariates = covariates.to_dict() if hasattr(covariates, "to_dict") else covariates
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -217,6 +218,8 @@ class BestModelSaver:
         facts = {"network": network_config(module)} if hasattr(module, "init_args") else {}
         if self.preprocessing is not None:
             facts["preprocessing"] = dict(self.preprocessing)
+        if self.covariates is not None:  # the encoding fitted on the training part, for evaluation and inference
+            facts["covariates"] = dict(self.covariates)
         state = with_run_metadata(
             module.state_dict(), split=self.split, epoch=int(engine.state.epoch),
             metric=float(engine.state.best_metric), metric_name=str(engine.state.key_metric_name), **facts,

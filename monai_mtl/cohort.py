@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,6 +257,12 @@ def ensure_cohort(
                       "see README 'Bring your own scans'")
 
 
+class Datalists(dict):
+    """``{"train": [...], "validation": [...], "test": [...]}``, with the covariate encoding fitted on the training part (or ``None``)."""
+
+    covariates = None
+
+
 def prepare_datalists(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -269,7 +276,8 @@ def prepare_datalists(
     response_column: str = "response",
     severity_column: str = "severity",
     bids_session: str | None = None,
-) -> dict[str, list[dict]]:
+    covariates: Sequence[str] = (),
+) -> Datalists:
     """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
 
     An existing ``split.json`` made with the same seed and fractions for the same subjects is reused
@@ -279,7 +287,9 @@ def prepare_datalists(
     With ``num_folds > 1`` the test part is fold ``fold`` of a stratified k-fold partition
     (cross-validation); ``test_fraction`` is then unused. With ``held_out_site`` the test part is
     that site's subjects (leave-one-site-out). ``dataset_dir`` may be a BIDS dataset; ``response_column``,
-    ``severity_column`` and ``bids_session``: see :func:`read_cohort`.
+    ``severity_column`` and ``bids_session``: see :func:`read_cohort`. ``covariates``: columns encoded by
+    :class:`~monai_mtl.covariates.CovariateEncoding` fitted on the training part (``datalists.covariates``);
+    each record gets its vector under ``"covariates"``.
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
@@ -309,4 +319,17 @@ def prepare_datalists(
             {**split, "settings": settings, "dataset_dir": str(Path(dataset_dir).absolute()), "class_counts": counts},
         )
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
-    return {k: to_datalist(table, split[k]) for k in SPLIT_KEYS}
+    datalists = Datalists({k: to_datalist(table, split[k]) for k in SPLIT_KEYS})
+    if covariates:
+        from monai_mtl.covariates import CovariateEncoding
+        from monai_mtl.engines import COVARIATES_KEY
+
+        source = str(dataset_dir)
+        rows = table.set_index("subject_id", drop=False)
+        datalists.covariates = CovariateEncoding.fit(rows.loc[split["train"]], list(covariates), source)  # training part only
+        vectors = dict(zip(table["subject_id"], datalists.covariates.encode(table, source)))
+        for records in datalists.values():
+            for record in records:
+                record[COVARIATES_KEY] = vectors[record["subject_id"]]
+        logger.info("covariates %s -> %d features, fitted on the training part", list(covariates), datalists.covariates.size)
+    return datalists

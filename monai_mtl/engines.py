@@ -16,6 +16,9 @@ from monai.utils import CommonKeys
 
 from monai_mtl.errors import ConfigError
 
+#: datalist key of a subject's encoded covariates (:mod:`monai_mtl.covariates`)
+COVARIATES_KEY = "covariates"
+
 #: test-only: the training process kills itself with SIGKILL when this global iteration completes, so a
 #: kill-and-resume test interrupts a run at a deterministic point instead of racing the clock
 KILL_AT_ITERATION = "MONAI_MTL_TEST_KILL_AT_ITERATION"
@@ -63,6 +66,10 @@ class MultiTaskPrepareBatch(PrepareBatch):
             "response": torch.as_tensor(batchdata[self.response_key]).to(device=device, dtype=torch.long, non_blocking=non_blocking),
             "severity": torch.as_tensor(batchdata[self.severity_key]).to(device=device, dtype=torch.float32, non_blocking=non_blocking),
         }
+        if COVARIATES_KEY in batchdata:
+            # MONAI's engines pass a 4-tuple's args and kwargs on to the network: network(image, covariates=...)
+            covariates = torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+            return image, targets, (), {"covariates": covariates}
         return image, targets
 
 
@@ -81,7 +88,11 @@ class ImagePrepareBatch(PrepareBatch):
     ) -> tuple[torch.Tensor, None]:
         image = batchdata[self.image_key]
         image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        return image.to(device=device, non_blocking=non_blocking, **kwargs), None
+        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+        if COVARIATES_KEY in batchdata:
+            covariates = torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32)
+            return image, None, (), {"covariates": covariates}
+        return image, None
 
 
 class MultiTaskTrainer(SupervisedTrainer):

@@ -224,8 +224,9 @@ class PreciseBatchNormHandler:
             for i, batch in enumerate(loader):
                 if i >= self.num_batches:
                     break
-                inputs, _ = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)[:2]
-                network(inputs)
+                prepared = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+                kwargs = prepared[3] if len(prepared) == 4 else {}  # e.g. the covariates
+                network(prepared[0], **kwargs)
         _average_across_ranks(norms)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

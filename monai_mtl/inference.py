@@ -26,7 +26,8 @@ from monai.visualize import GradCAM
 from torch import nn
 
 from monai_mtl.bids import is_bids_root, t1w_images
-from monai_mtl.errors import CohortError
+from monai_mtl.engines import COVARIATES_KEY
+from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.images import unreadable_error
 from monai_mtl.io import atomic_write_csv, atomic_write_nifti, nifti_image
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, PROBABILITY_COLUMNS, decode_output, prediction_table, split_output
@@ -55,7 +56,16 @@ def _record(index: int, path: str) -> dict:
     return record
 
 
-def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[dict]:
+def stored_covariates(checkpoint: str | os.PathLike):
+    """The covariate encoding a checkpoint was trained with (:class:`~monai_mtl.covariates.CovariateEncoding`), or ``None``."""
+    from monai_mtl.checkpoints import read_run_metadata
+    from monai_mtl.covariates import CovariateEncoding
+
+    stored = read_run_metadata(checkpoint).get("covariates") if Path(checkpoint).is_file() else None
+    return CovariateEncoding.from_dict(stored) if stored else None
+
+
+def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image", covariates=None) -> list[dict]:
     """One record per input, in order: every NIfTI-named entry of a folder (sorted), every row of a CSV, or
     each subject's T1w image of a BIDS dataset (:func:`monai_mtl.bids.t1w_images`).
 
@@ -63,23 +73,27 @@ def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") 
     a NIfTI file (``.nii``, ``.nii.gz``, any case) gets a record with ``error`` set, which becomes its
     row of ``predictions.csv``. Each record carries ``input_index``, its position among the inputs.
 
+    ``covariates``: the checkpoint's :class:`~monai_mtl.covariates.CovariateEncoding`, when it was trained
+    with covariates: the input must then be a CSV with those columns, and each record gets its vector.
+
     Raises:
-        CohortError: nothing there, a folder without NIfTI-named entries, or a CSV without the image column or rows.
+        CohortError: nothing there, a folder without NIfTI-named entries, or a CSV without the image column or rows;
+            with ``covariates``, an input that is not a CSV or a CSV without one of the checkpoint's covariate columns.
     """
     source = Path(dataset_dir)
+    if covariates is not None and not (source.is_file() and source.suffix.lower() == ".csv"):
+        raise CohortError(f"{source}: the checkpoint was trained with the covariates {covariates.columns}; give a CSV "
+                          f"with an '{image_column}' column and those columns")
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
         if image_column not in table.columns:
             raise CohortError(f"{source}: no '{image_column}' column (columns: {list(table.columns)})")
         if table.empty:
             raise CohortError(f"{source}: the '{image_column}' column is empty")
-        records = []
-        for i, cell in enumerate(table[image_column].str.strip()):
-            if not cell:
-                records.append({"image": "", "input_index": i, "error": f"{source} line {i + 2}: empty '{image_column}' cell"})
-            else:
-                records.append(_record(i, cell if Path(cell).is_absolute() else str(source.parent / cell)))
-        return records
+        if covariates is not None:
+            vectors = covariates.encode(table.replace("", np.nan), str(source))  # refuses a missing column
+            return [{**record, COVARIATES_KEY: vector} for record, vector in zip(_csv_records(source, table, image_column), vectors)]
+        return _csv_records(source, table, image_column)
     if source.is_dir() and is_bids_root(source):
         images = t1w_images(source)  # labels are not needed: every subject with a T1w image, in subject order
         if not images:
@@ -91,6 +105,16 @@ def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image") 
             raise CohortError(f"{source}: no NIfTI files (*.nii, *.nii.gz) in this folder")
         return [_record(i, path) for i, path in enumerate(entries)]
     raise CohortError(f"{source}: not a folder of NIfTI files nor a CSV file")
+
+
+def _csv_records(source: Path, table: pd.DataFrame, image_column: str) -> list[dict]:
+    records = []
+    for i, cell in enumerate(table[image_column].str.strip()):
+        if not cell:
+            records.append({"image": "", "input_index": i, "error": f"{source} line {i + 2}: empty '{image_column}' cell"})
+        else:
+            records.append(_record(i, cell if Path(cell).is_absolute() else str(source.parent / cell)))
+    return records
 
 
 def find_inputs(dataset_dir: str | os.PathLike, image_column: str = "image") -> list[str]:
@@ -169,8 +193,9 @@ class UsableCollate:
     network passes through, so the evaluator's loop needs no special case.
     """
 
-    def __init__(self, spatial_size: Sequence[int]) -> None:
+    def __init__(self, spatial_size: Sequence[int], num_covariates: int = 0) -> None:
         self.spatial_size = tuple(int(n) for n in spatial_size)
+        self.num_covariates = int(num_covariates)
 
     def __call__(self, items: list[dict]) -> dict:
         usable = [item for item in items if "error" not in item]
@@ -180,6 +205,8 @@ class UsableCollate:
             batch = list_data_collate(usable)
         else:
             batch = {"image": MetaTensor(torch.zeros(0, 1, *self.spatial_size), meta={"filename_or_obj": []})}
+            if self.num_covariates:
+                batch[COVARIATES_KEY] = torch.zeros(0, self.num_covariates)
         batch["errors"] = errors
         return batch
 
@@ -294,6 +321,10 @@ class PredictionWriter:
         self.output_dir = Path(output_dir)
         self.stems = unique_stems([str(item["image"]) for item in inputs or []])
         self.error_rows: list[dict] = []
+        if saliency and any(COVARIATES_KEY in item for item in inputs or []):
+            # Grad-CAM and the gradient maps call the network on the image alone
+            raise ConfigError("saliency maps are not available for a model trained with covariates yet: "
+                              "run without --saliency")
         self.saliency, self.target_layer, self.saliency_png = saliency, target_layer, saliency_png
         self.atlas_path = Path(atlas) if atlas and Path(atlas).is_file() else None
         self.rows: list[dict] = []

@@ -7,7 +7,7 @@ Every network here returns the one output tensor of :mod:`monai_mtl.outputs`:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -54,7 +54,8 @@ class TaskAttention(nn.Module):
 class TaskHead(nn.Module):
     """One task path: its own conv blocks (optional), attention, global average pooling, dropout and two dense layers."""
 
-    def __init__(self, channels: int, hidden: int, out_features: int, dropout: float, block: nn.Module | None = None) -> None:
+    def __init__(self, channels: int, hidden: int, out_features: int, dropout: float, block: nn.Module | None = None,
+                 extra_features: int = 0) -> None:
         super().__init__()
         self.block = block if block is not None else nn.Identity()
         self.attention = TaskAttention(channels)
@@ -62,14 +63,16 @@ class TaskHead(nn.Module):
         self.mlp = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
-            nn.Linear(channels, hidden),
+            nn.Linear(channels + extra_features, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden, out_features),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(self.attention(self.block(features))))
+    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``extra`` ``(B, extra_features)``: non-imaging features joined to the pooled image features before the dense layers."""
+        pooled = self.pool(self.attention(self.block(features))).flatten(1)
+        return self.mlp(pooled if extra is None else torch.cat([pooled, extra.to(pooled.dtype)], dim=1))
 
 
 class DualPathNet(nn.Module):
@@ -114,6 +117,8 @@ class DualPathNet(nn.Module):
         dropout: float = 0.3,
         task_blocks: int = 1,
         tasks: Sequence[str] = TASKS,
+        num_covariates: int = 0,
+        covariate_features: int = 16,
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -121,6 +126,13 @@ class DualPathNet(nn.Module):
             "strides": [list(s) if isinstance(s, Sequence) else s for s in strides], "hidden": hidden,
             "dropout": dropout, "task_blocks": task_blocks, "tasks": list(tasks),
         }
+        if num_covariates:  # recorded only when used, so imaging-only checkpoints keep their stored settings
+            self.init_args.update(num_covariates=int(num_covariates), covariate_features=int(covariate_features))
+        self.num_covariates = int(num_covariates)
+        # encoded clinical covariates -> a small embedding joined to both task paths (concatenation fusion)
+        self.covariate_embedding = (nn.Sequential(nn.Linear(num_covariates, covariate_features), nn.ReLU(inplace=True))
+                                    if num_covariates else None)
+        extra = covariate_features if num_covariates else 0
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
             raise ConfigError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
@@ -142,15 +154,22 @@ class DualPathNet(nn.Module):
         self.num_classes = num_classes
 
         def head(out_features: int) -> TaskHead:
-            return TaskHead(channels[-1], hidden, out_features, dropout, blocks(shared, len(channels)) if task_blocks else None)
+            return TaskHead(channels[-1], hidden, out_features, dropout, blocks(shared, len(channels)) if task_blocks else None,
+                            extra)
 
         self.response_head = head(num_classes) if "response" in tasks else ConstantHead(num_classes)
         self.severity_head = head(1) if "severity" in tasks else ConstantHead(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (TorchScript)
         features = self.encoder(x)
-        response_logits = self.response_head(features)
-        severity = torch.sigmoid(self.severity_head(features))
+        extra: Optional[torch.Tensor] = None  # noqa: UP045
+        if self.covariate_embedding is not None:
+            if covariates is None:
+                raise ConfigError("this network was trained with covariate features: give them "
+                                  "(the covariates of the checkpoint's encoding)")
+            extra = self.covariate_embedding(covariates.to(x.device, torch.float32))
+        response_logits = self.response_head(features, extra)
+        severity = torch.sigmoid(self.severity_head(features, extra))
         return torch.cat([response_logits, severity], dim=1)
 
 
@@ -161,7 +180,7 @@ class ConstantHead(nn.Module):
         super().__init__()
         self.out_features = out_features
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         return features.new_zeros(features.shape[0], self.out_features)
 
 

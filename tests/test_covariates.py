@@ -68,3 +68,59 @@ def test_encoding_is_fitted_on_the_training_part_only_and_logs_unknown_categorie
 def test_a_listed_covariate_the_table_lacks_is_refused():
     with pytest.raises(CohortError, match=r"covariate column\(s\) \['bmi'\].*not found"):
         CovariateEncoding.fit(_table(), ["age", "bmi"])
+
+
+@pytest.mark.slow
+def test_a_model_with_covariates_trains_evaluates_and_predicts_from_a_csv(tmp_path):
+    from pathlib import Path
+
+    from conftest import TRAIN_CONFIG, run_bundle
+    from monai_mtl.checkpoints import read_run_metadata
+
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, CohortConfig(num_samples=60, seed=11), workers=2, progress=False, covariates=True)
+    run = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(cohort), output_dir=str(run), max_epochs=1, batch_size=8,
+               cache_workers=1, covariates=["genotype", "prior_treatments", "baseline_score"])
+    stored = read_run_metadata(run / "model.pt")
+    encoding = CovariateEncoding.from_dict(stored["covariates"])
+    assert stored["network"]["num_covariates"] == encoding.size == 1 + 4 + 1 + 1 + 1 + 1  # prior, genotype x4, score, 3 flags
+    split = json.loads((run / "split.json").read_text())
+    labels = pd.read_csv(cohort / "labels.csv").set_index("subject_id")
+    assert encoding.numeric["prior_treatments"][0] == pytest.approx(labels.loc[split["train"], "prior_treatments"].mean())
+
+    # evaluation encodes with the checkpoint's columns and reproduces the run's test figures
+    run_bundle("evaluating", [TRAIN_CONFIG, str(Path(TRAIN_CONFIG).with_name("evaluate.json"))], dataset_dir=str(cohort),
+               output_dir=str(run))
+    tested, evaluated = (json.loads((run / f).read_text()) for f in ("test_metrics.json", "metrics.json"))
+    assert evaluated["accuracy"] == tested["accuracy"] and evaluated["severity_mae"] == pytest.approx(tested["severity_mae"])
+
+    # inference reads the covariates from the input CSV; a CSV without one, or a folder of scans, is refused
+    table = labels.reset_index()
+    table["image"] = [str(cohort / p) for p in table["image"]]
+    table.to_csv(tmp_path / "inputs.csv", index=False)
+    infer = str(Path(TRAIN_CONFIG).with_name("inference.json"))
+    run_bundle("run", infer, dataset_dir=str(tmp_path / "inputs.csv"), ckpt_path=str(run / "model.pt"),
+               output_dir=str(tmp_path / "predictions"))
+    assert len(pd.read_csv(tmp_path / "predictions" / "predictions.csv")) == 60
+    table.drop(columns=["genotype"]).to_csv(tmp_path / "no_genotype.csv", index=False)
+    from monai_mtl.errors import project_error
+
+    for inputs, message in ((tmp_path / "no_genotype.csv", "covariate column(s) ['genotype']"),
+                            (cohort / "images", "trained with the covariates")):
+        with pytest.raises(Exception) as refused:
+            run_bundle("run", infer, dataset_dir=str(inputs), ckpt_path=str(run / "model.pt"), output_dir=str(tmp_path / "p"))
+        assert message in str(project_error(refused.value))  # the one line the error hook prints
+
+
+def test_a_covariate_network_needs_its_covariates_and_keeps_imaging_checkpoints_unchanged():
+    import torch
+
+    from monai_mtl.errors import ConfigError
+    from monai_mtl.networks import DualPathNet
+
+    assert "num_covariates" not in DualPathNet().init_args  # imaging-only checkpoints store what they stored before
+    fused = DualPathNet(num_covariates=3)
+    assert fused(torch.zeros(2, 1, 64, 64, 16), torch.zeros(2, 3)).shape == (2, 4)
+    with pytest.raises(ConfigError, match="trained with covariate features"):
+        fused(torch.zeros(2, 1, 64, 64, 16))
