@@ -14,7 +14,8 @@ from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG
 
 from monai_mtl.cohort import read_labels, to_datalist
 from monai_mtl.metrics import epoch_scores, pack_targets
-from monai_mtl.networks import DualPathNet
+from monai_mtl.checkpoints import read_run_metadata
+from monai_mtl.networks import build_network
 
 
 def _single_process_scores(checkpoint, cohort, subject_ids):
@@ -25,7 +26,7 @@ def _single_process_scores(checkpoint, cohort, subject_ids):
     parser.read_config(TRAIN_CONFIG)
     transform = parser.get_parsed_content("validate#preprocessing")
     data = to_datalist(read_labels(cohort / "labels.csv"), subject_ids)
-    net = DualPathNet(**{k: v for k, v in parser["network_def"].items() if k != "_target_"})
+    net = build_network(read_run_metadata(checkpoint)["network"])  # the network the checkpoint says it was trained as
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
     net.eval()
     preds, targets = [], []
