@@ -93,6 +93,7 @@ def _bundle_network(config: str):
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / config))
+    parser["network_def"]["num_covariates"] = 0  # imaging only: its default expression would read the cohort's split
     return parser.get_parsed_content("network_def"), parser["network_def"]["strides"]
 
 
@@ -326,6 +327,7 @@ def bench_highres(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / c) for c in config_files])
+        parser["network_def"]["num_covariates"] = 0  # imaging only, as in _bundle_network
         network = parser.get_parsed_content("network_def")
         rate = _train_throughput(network, channels_last=True, steps=max(2, args.train_steps // (4 if batch == 8 else 1)),
                                  batch_size=batch, shape=shape)
