@@ -272,8 +272,6 @@ def _child_training(config_files: list[str], dataset_dir: Path, output_dir: Path
 
 def _subset_cohort(cohort: Path, n: int, target: Path) -> Path:
     """A cohort folder of the first ``n`` subjects of ``cohort`` (labels.csv with absolute image paths)."""
-    import pandas as pd
-
     from monai_mtl.cohort import read_labels
 
     target.mkdir(parents=True, exist_ok=True)

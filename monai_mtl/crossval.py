@@ -38,19 +38,6 @@ def fold_dir(output_dir: str | os.PathLike, fold: int) -> Path:
     return Path(output_dir) / f"fold_{fold}"
 
 
-def run_fold(
-    fold: int,
-    num_folds: int,
-    dataset_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    config_files: Sequence[str] = (DEFAULT_CONFIG,),
-    overrides: dict | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Train and test fold ``fold`` in a child process (reused if it finished with the same settings); returns its folder."""
-    return run_trainings([fold_request(fold, num_folds, dataset_dir, output_dir, config_files, overrides, overwrite)])[0]
-
-
 def fold_request(
     fold: int, num_folds: int, dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
     config_files: Sequence[str] = (DEFAULT_CONFIG,), overrides: dict | None = None, overwrite: bool = False,
@@ -176,4 +163,4 @@ def cross_validate(
         return summarize(output_dir, num_folds, allow_overlap, dataset_dir)
 
 
-__all__ = ["run_fold", "fold_request", "check_partition", "summarize", "cross_validate", "fold_dir"]
+__all__ = ["fold_request", "check_partition", "summarize", "cross_validate", "fold_dir"]

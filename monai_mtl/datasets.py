@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_mtl.errors import ConfigError
+from monai_mtl.io import atomic_write_json
 from monai_mtl.transforms import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def make_dataset(
     settings = folder / "preprocessing.json"
     if not settings.is_file():  # what the tensors in this folder were made with, for a reader of the folder
         facts = {**preprocessing.to_dict(), "cached_steps": cached_steps(transform)}
-        settings.write_text(json.dumps(facts, indent=2) + "\n")
+        atomic_write_json(settings, facts)
     logger.info("disk cache of %d volumes in %s", len(data), folder)
     return PersistentDataset(data, transform, cache_dir=folder, hash_func=item_hash)
 

@@ -66,11 +66,15 @@ class MultiTaskPrepareBatch(PrepareBatch):
             "response": torch.as_tensor(batchdata[self.response_key]).to(device=device, dtype=torch.long, non_blocking=non_blocking),
             "severity": torch.as_tensor(batchdata[self.severity_key]).to(device=device, dtype=torch.float32, non_blocking=non_blocking),
         }
-        if COVARIATES_KEY in batchdata:
-            # MONAI's engines pass a 4-tuple's args and kwargs on to the network: network(image, covariates=...)
-            covariates = torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32, non_blocking=non_blocking)
-            return image, targets, (), {"covariates": covariates}
+        return _with_covariates(image, targets, batchdata, device)
+
+
+def _with_covariates(image: torch.Tensor, targets: Any, batchdata: dict[str, Any], device: str | torch.device | None) -> tuple:
+    """``(image, targets)``, or with the batch's encoded covariates ``(image, targets, (), {"covariates": ...})``:
+    MONAI's engines pass a prepared batch's args and kwargs on to the network, ``network(image, covariates=...)``."""
+    if COVARIATES_KEY not in batchdata:
         return image, targets
+    return image, targets, (), {"covariates": torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32)}
 
 
 class ImagePrepareBatch(PrepareBatch):
@@ -89,10 +93,7 @@ class ImagePrepareBatch(PrepareBatch):
         image = batchdata[self.image_key]
         image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         image = image.to(device=device, non_blocking=non_blocking, **kwargs)
-        if COVARIATES_KEY in batchdata:
-            covariates = torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32)
-            return image, None, (), {"covariates": covariates}
-        return image, None
+        return _with_covariates(image, None, batchdata, device)
 
 
 class MultiTaskTrainer(SupervisedTrainer):
