@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from monai_mtl import RESPONSE_NAMES
@@ -154,30 +155,39 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "baseline",
-        help="baselines on a training run's split: single-task CNNs, ResNet-18, class-median, scikit-learn",
+        help="baselines on a training run's split: single-task CNNs, ResNet-18, class-median, scikit-learn, covariates only",
         description="Train/fit one baseline on exactly the split of a training run and write test_metrics.json "
         "and test_predictions.csv like the run. Network baselines are bundle runs with "
-        "bundle/configs/baselines/<kind>.json merged over train.json.",
+        "bundle/configs/baselines/<kind>.json merged over train.json. With --split naming a cross-validation "
+        "folder (python -m monai_mtl cv), the baseline runs on each fold's split and is summarized like cv.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--kind", choices=KINDS, nargs="+", required=True,
                    help="which baseline(s); several network baselines run --jobs at a time")
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
-    p.add_argument("--split", default="runs/train/split.json", help="split.json of the run to compare with")
-    p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>; one --kind only)")
+    p.add_argument("--split", default="runs/train/split.json",
+                   help="split.json of the run to compare with, or a cross-validation folder (its fold_<i>/split.json)")
+    p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>, or "
+                   "<cv folder>_<kind> for a cross-validation; one --kind only)")
+    p.add_argument("--covariates", nargs="+", default=None, metavar="COLUMN",
+                   help="covariates-only: the columns (default: the reference run's covariates setting, else those "
+                   "generate --covariates recorded in cohort.json)")
     _add_run_options(p, config_file=False)  # network baselines only
     p.set_defaults(func=_run_baseline)
 
 
 def _run_baseline(args: argparse.Namespace) -> int:
-    from monai_mtl.baselines import run_baselines
+    from monai_mtl.baselines import run_baselines, run_baselines_cv
 
     kinds = list(dict.fromkeys(args.kind))
+    cross_validation = Path(args.split).is_dir()
     if args.output_dir is not None and len(kinds) > 1:
         raise ValueError(f"--output-dir names one folder, but {len(kinds)} kinds were given: leave it out "
-                         "(each kind writes to runs/baselines/<kind>)")
-    output_dirs = [args.output_dir] if args.output_dir else [f"runs/baselines/{kind}" for kind in kinds]
-    run_baselines(kinds, args.dataset_dir, args.split, output_dirs, _overrides(args), args.overwrite, args.jobs)
+                         "(each kind writes to its default folder)")
+    defaults = [f"{Path(args.split)}_{kind.replace('-', '_')}" if cross_validation else f"runs/baselines/{kind}" for kind in kinds]
+    output_dirs = [args.output_dir] if args.output_dir else defaults
+    run = run_baselines_cv if cross_validation else run_baselines
+    run(kinds, args.dataset_dir, args.split, output_dirs, _overrides(args), args.overwrite, args.jobs, args.covariates)
     return 0
 
 

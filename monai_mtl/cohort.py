@@ -232,12 +232,14 @@ def to_datalist(table: pd.DataFrame, subject_ids: list[str] | None = None) -> li
 def ensure_cohort(
     dataset_dir: str | os.PathLike, synthetic_dir: str | os.PathLike | None = None,
     shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None,
+    num_samples: int | None = None, covariates: bool = False,
 ) -> Path:
     """Return ``dataset_dir``, generating the paper's synthetic cohort first when it is ``synthetic_dir`` and empty.
 
     ``shape`` / ``spacing``: the grid to render it on (default: the paper's 64 x 64 x 16 at 2.5 x 3 x 8 mm;
-    ``highres.json`` renders the same anatomy at 1.5 mm). Any other folder without ``labels.csv`` is an
-    error: real cohorts are never invented.
+    ``highres.json`` renders the same anatomy at 1.5 mm). ``num_samples`` (default 1500) and ``covariates``
+    (``generate --covariates``: the multimodal cohort of ``multimodal.json``) as in ``generate``. Any other
+    folder without ``labels.csv`` is an error: real cohorts are never invented.
     """
     from monai_mtl.bids import is_bids_root
 
@@ -248,10 +250,11 @@ def ensure_cohort(
         from monai_mtl.synthetic import CohortConfig, generate_cohort
 
         grid = {k: tuple(v) for k, v in (("shape", shape), ("spacing_mm", spacing)) if v is not None}
-        config = replace(CohortConfig(), **grid)
-        logger.info("no cohort in %s yet: generating the paper's synthetic cohort (1500 volumes, seed 42, %s voxels of %s mm)",
-                    dataset_dir, "x".join(map(str, config.shape)), "x".join(f"{v:g}" for v in config.spacing_mm))
-        generate_cohort(dataset_dir, config)
+        config = replace(CohortConfig(), **grid, **({"num_samples": int(num_samples)} if num_samples else {}))
+        logger.info("no cohort in %s yet: generating the paper's synthetic cohort (%d volumes, seed %d, %s voxels of %s mm%s)",
+                    dataset_dir, config.num_samples, config.seed, "x".join(map(str, config.shape)),
+                    "x".join(f"{v:g}" for v in config.spacing_mm), ", with clinical covariates" if covariates else "")
+        generate_cohort(dataset_dir, config, covariates=bool(covariates))
         return dataset_dir
     raise CohortError(f"{dataset_dir}: no labels.csv and not a BIDS dataset (no dataset_description.json); "
                       "see README 'Bring your own scans'")

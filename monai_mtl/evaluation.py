@@ -225,6 +225,7 @@ def evaluate_checkpoint(
     summary_writer=None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    training_datalist=None,
 ) -> dict:
     """Load ``checkpoint`` into ``network``, predict ``evaluator``'s data once and write the results.
 
@@ -239,6 +240,9 @@ def evaluate_checkpoint(
     ``summary_writer`` is given. Predictions and metrics are written last, atomically, so a failed
     evaluation leaves no metrics file that looks complete. Subjects the checkpoint was trained or
     validated on (its stored split) are refused with ``LeakageError`` unless ``allow_overlap``.
+    With ``figures`` and a checkpoint trained with covariates, also the covariate attributions of
+    :func:`~monai_mtl.attribution.explain_covariates` (baseline: the mean encoded covariates of
+    ``training_datalist``, the training part), summarized in the metrics as ``covariate_importance``.
     In a distributed run, rank 0 evaluates and the other ranks return ``{}``.
     """
     if not is_rank_zero():
@@ -254,6 +258,12 @@ def evaluate_checkpoint(
         metrics["trust"] = trust_report(table, collector.raw_logits(), trust)
     output_dir = Path(output_dir)
     if figures:
+        from monai_mtl.attribution import explain_covariates, training_mean
+
+        explanation = explain_covariates(evaluator, network, checkpoint, output_dir, training_mean(training_datalist or []),
+                                         temperature=trust.temperature if trust is not None else 1.0)
+        if explanation is not None:
+            metrics["covariate_importance"] = explanation
         _write_figures(table, metrics, output_dir, summary_writer, collector.raw_logits(), trust)
     name = f"{prefix}_" if prefix else ""
     # predictions first, metrics last: a metrics file only exists once everything before it was written

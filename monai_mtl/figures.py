@@ -194,3 +194,25 @@ def robustness_figure(table: pd.DataFrame, output: str | os.PathLike) -> Path:
     fig.suptitle("Test part under scanner artifacts (dashed: clean scans)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, output)
+
+
+def importance_figure(importance: dict[str, dict[str, float]], output: str | os.PathLike,
+                      units: dict[str, str] | None = None) -> Path:
+    """Horizontal bars of each covariate's mean absolute attribution, one panel per task.
+
+    Args:
+        importance: ``{task: {column: mean |attribution|}}`` (:func:`monai_mtl.attribution.importance`).
+        units: the x-axis label of each task's panel.
+    """
+    tasks = list(importance)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.45 * max(map(len, importance.values())) + 1.4),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        columns = list(importance[task])[::-1]  # the first column at the top
+        ax.barh(columns, [importance[task][c] for c in columns], color="tab:blue" if task == "response" else "tab:orange")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel(f"mean |attribution| ({(units or {}).get(task, 'output units')})", fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle("Covariate importance on the evaluated part (integrated gradients)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, output)

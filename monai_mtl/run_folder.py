@@ -44,7 +44,7 @@ RUN_OUTPUTS = (
 )
 #: config keys that say where and how fast a run works, not what it learns: they may change on resume
 LOGISTICS = frozenset({
-    "bundle_root", "dataset_dir", "synthetic_dir", "synthetic_shape", "synthetic_spacing", "output_dir", "ckpt_path", "device", "num_workers", "cache_workers", "cache", "cache_dir",
+    "bundle_root", "dataset_dir", "synthetic_dir", "synthetic_shape", "synthetic_spacing", "synthetic_num_samples", "synthetic_covariates", "output_dir", "ckpt_path", "device", "num_workers", "cache_workers", "cache", "cache_dir",
     "validate_images", "resume", "allow_split_overlap", "max_epochs", "imports", "initialize", "finalize", "run",
     "training", "evaluating", "_meta_",
 })

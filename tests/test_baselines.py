@@ -67,3 +67,47 @@ def test_network_variants_keep_the_output_contract():
     assert (DualPathNet(tasks=["response"])(x)[:, 3] == 0.5).all()
     with pytest.raises(ValueError, match="subset of"):
         DualPathNet(tasks=["age"])
+
+
+def _fold_splits(cohort, cv_dir, num_folds: int = 3) -> list[list[str]]:
+    """Write the ``fold_<i>/split.json`` of a ``num_folds``-fold partition of ``cohort``, as ``cv`` does."""
+    subjects = pd.read_csv(cohort / "labels.csv")["subject_id"].tolist()
+    tests = [subjects[i::num_folds] for i in range(num_folds)]
+    for fold, test in enumerate(tests):
+        rest = [s for s in subjects if s not in test]
+        (cv_dir / f"fold_{fold}").mkdir(parents=True)
+        (cv_dir / f"fold_{fold}" / "split.json").write_text(json.dumps(
+            {"train": rest[6:], "validation": rest[:6], "test": test, "settings": {"num_folds": num_folds, "fold": fold}}))
+    return tests
+
+
+def test_covariates_only_baseline_learns_from_the_columns_alone_and_runs_on_every_fold(trained_run, train_cohort, tmp_path, capsys):
+    from test_covariates import _with_marker
+
+    cohort = _with_marker(train_cohort, tmp_path / "marker")  # the response is the "marker" column, no scan shows it
+    out = tmp_path / "covariates"
+    assert main(["baseline", "--kind", "covariates-only", "--dataset-dir", str(cohort), "--split",
+                 str(trained_run / "split.json"), "--output-dir", str(out), "--covariates", "marker", "noise"]) == 0
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["accuracy"] == 1.0 and metrics["covariates"] == ["marker", "noise"]
+    assert metrics["features"] == ["marker=a", "marker=b", "marker=c", "marker:missing", "noise", "noise:missing"]
+
+    # with a cross-validation folder as --split: every fold's split, summarized like cv
+    tests = _fold_splits(cohort, tmp_path / "cv")
+    assert main(["baseline", "--kind", "covariates-only", "class-median", "--dataset-dir", str(cohort), "--split",
+                 str(tmp_path / "cv"), "--covariates", "marker"]) == 0
+    for kind in ("covariates_only", "class_median"):
+        summary = tmp_path / f"cv_{kind}"  # default: <cv folder>_<kind>
+        folds = pd.read_csv(summary / "cv_folds.csv")
+        assert list(folds["fold"]) == [0, 1, 2] and folds["n"].sum() == 60
+        for fold, test in enumerate(tests):
+            tested = pd.read_csv(summary / f"fold_{fold}" / "test_predictions.csv")["subject_id"]
+            assert sorted(tested) == sorted(test)
+    assert pd.read_csv(tmp_path / "cv_covariates_only" / "cv_folds.csv")["accuracy"].min() == 1.0
+
+    # no columns given, none in the run's settings or cohort.json: one line asking for them
+    with pytest.raises(SystemExit) as exit_info:
+        main(["baseline", "--kind", "covariates-only", "--dataset-dir", str(cohort), "--split",
+              str(trained_run / "split.json"), "--output-dir", str(tmp_path / "none")])
+    assert exit_info.value.code == 2 and "pass --covariates COLUMN" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "none").exists()
