@@ -120,3 +120,16 @@ def test_cv_comparison_pairs_the_folds_and_counts_the_folds_ours_wins(tmp_path):
     # the paper's recipe: accuracy +2, 0, -1 points -> 0.3% ± 1.5, 2/3 folds; MAE -1, 0, +1 -> 0.00 ± 1.00, 2/3
     assert "0.3% ± 1.5 (2/3)" in table and "0.00 ± 1.00 (2/3)" in table
     assert "ResNet-18" not in table  # not the same folds: left out
+
+
+def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_path):
+    from monai_mtl.report import MULTIMODAL_COMPARISONS, MULTIMODAL_REFERENCE, cv_comparison_table
+
+    runs, tests = tmp_path / "runs", [["a", "b"], ["c", "d"]]
+    _fake_cv(runs / "cv_multimodal", [1.0, 0.99], [3.0, 3.2], tests)
+    _fake_cv(runs / "cv_multimodal_covariates_only", [0.6, 0.62], [15.0, 14.0], tests)
+    table = cv_comparison_table(tmp_path, MULTIMODAL_REFERENCE, MULTIMODAL_COMPARISONS, cohort=" on data/multimodal")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| **fused**") and "multimodal.json --dataset-dir data/multimodal" in rows[1]
+    assert rows[2].startswith("| covariates only") and "baseline --kind covariates-only" in rows[2]
+    assert "-11.40 ± 0.85 (2/2)" in rows[2] and "38.5% ± 2.1 (2/2)" in rows[2] and "imaging only" not in table  # a CV not made yet is left out
