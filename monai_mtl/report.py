@@ -191,6 +191,8 @@ MULTIMODAL_REFERENCE = CvComparison(
 MULTIMODAL_COMPARISONS = (
     CvComparison("imaging only (the default model)", "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only`"),
+    CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
+                 make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),
     CvComparison("covariates only (scikit-learn, no imaging)", "runs/cv_multimodal_covariates_only", (),
                  make="`python -m monai_mtl baseline --kind covariates-only --dataset-dir data/multimodal --split runs/cv_multimodal`"),
 )
@@ -199,8 +201,16 @@ DEFAULT_REFERENCE = CvComparison("**ours** (default)", "runs/cv", ("bundle/confi
 
 
 def _fold_tests(cv_dir: Path, num_folds: int) -> list[list[str]] | None:
-    files = [cv_dir / f"fold_{i}" / "split.json" for i in range(num_folds)]
-    return [json.loads(f.read_text())["test"] for f in files] if all(f.is_file() for f in files) else None
+    """Each fold's tested subjects (sorted): from its ``split.json``, or, for a scikit-learn baseline's fold, its predictions."""
+    tests = []
+    for fold in (cv_dir / f"fold_{i}" for i in range(num_folds)):
+        if (fold / "split.json").is_file():
+            tests.append(sorted(json.loads((fold / "split.json").read_text())["test"]))
+        elif (fold / "test_predictions.csv").is_file():
+            tests.append(sorted(pd.read_csv(fold / "test_predictions.csv", dtype={"subject_id": str})["subject_id"]))
+        else:
+            return None
+    return tests
 
 
 def cv_comparison_table(root: str | os.PathLike = ".", reference: CvComparison = DEFAULT_REFERENCE,

@@ -133,3 +133,11 @@ def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_pa
     assert rows[1].startswith("| **fused**") and "multimodal.json --dataset-dir data/multimodal" in rows[1]
     assert rows[2].startswith("| covariates only") and "baseline --kind covariates-only" in rows[2]
     assert "-11.40 ± 0.85 (2/2)" in rows[2] and "38.5% ± 2.1 (2/2)" in rows[2] and "imaging only" not in table  # a CV not made yet is left out
+    # a scikit-learn baseline's folds have no split.json: its predictions say which subjects each fold tested
+    classical = runs / "cv_multimodal_classical"
+    for i, test in enumerate(reversed([["d", "c"], ["b", "a"]])):
+        (classical / f"fold_{i}").mkdir(parents=True)
+        pd.DataFrame({"subject_id": test}).to_csv(classical / f"fold_{i}" / "test_predictions.csv", index=False)
+    pd.DataFrame({"fold": [0, 1], "n": [2, 2], "accuracy": [0.7, 0.8], "severity_mae": [3.0, 3.0]}).to_csv(
+        classical / "cv_folds.csv", index=False)
+    assert "| imaging only, scikit-learn on atlas regions |" in cv_comparison_table(tmp_path, MULTIMODAL_REFERENCE, MULTIMODAL_COMPARISONS)
