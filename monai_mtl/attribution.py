@@ -57,8 +57,10 @@ def integrated_gradients(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integrated gradients of one subject's two predictions with respect to its encoded covariates.
 
+    The scan goes through the shared encoder once; only the task paths run at each of the ``steps`` points.
+
     Args:
-        network: a model ``network(image, covariates=...)`` returning ``(B, classes + 1)``, in eval mode.
+        network: a :class:`~monai_mtl.networks.DualPathNet` trained with covariates, in eval mode.
         image: the subject's preprocessed scan ``(1, C, X, Y, Z)``, held fixed along the path.
         covariates, baseline: ``(F,)`` encoded vectors, the subject's and the reference one.
 
@@ -71,10 +73,11 @@ def integrated_gradients(
     path = baseline + alphas[:, None] * (covariates - baseline)
     path.requires_grad_(True)
     with torch.no_grad():
-        ends = network(image.expand(2, *image.shape[1:]), covariates=torch.stack([baseline, covariates]))
+        features = network.encoder(image)
+        ends = network.task_outputs(features.expand(2, *features.shape[1:]), torch.stack([baseline, covariates]))
     end_logits, end_severity = split_output(ends.float())
     predicted = int(end_logits[1].argmax())
-    logits, severity = split_output(network(image.expand(steps, *image.shape[1:]), covariates=path).float())
+    logits, severity = split_output(network.task_outputs(features.expand(steps, *features.shape[1:]), path).float())
     probability = torch.softmax(logits / temperature, dim=1)[:, predicted]
     gradients = [torch.autograd.grad(target.sum(), path, retain_graph=i == 0)[0].mean(dim=0)
                  for i, target in enumerate((probability, severity * SEVERITY_SCALE))]

@@ -161,13 +161,19 @@ class DualPathNet(nn.Module):
         self.severity_head = head(1) if "severity" in tasks else ConstantHead(1)
 
     def forward(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (TorchScript)
-        features = self.encoder(x)
+        return self.task_outputs(self.encoder(x), covariates)
+
+    def task_outputs(self, features: torch.Tensor, covariates: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045
+        """The two task paths on the shared encoder's ``features``: what :meth:`forward` returns.
+
+        Separate so that explaining the covariates (:mod:`monai_mtl.attribution`) runs the encoder once per scan.
+        """
         extra: Optional[torch.Tensor] = None  # noqa: UP045
         if self.covariate_embedding is not None:
             if covariates is None:
                 raise ConfigError("this network was trained with covariate features: give them "
                                   "(the covariates of the checkpoint's encoding)")
-            extra = self.covariate_embedding(covariates.to(x.device, torch.float32))
+            extra = self.covariate_embedding(covariates.to(features.device, torch.float32))
         response_logits = self.response_head(features, extra)
         severity = torch.sigmoid(self.severity_head(features, extra))
         return torch.cat([response_logits, severity], dim=1)
