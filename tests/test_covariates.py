@@ -189,4 +189,5 @@ def test_a_signal_only_the_covariates_carry_is_learned_by_the_fused_model_and_no
                    learning_rate=0.003, cache_workers=1, covariates=covariates)
         predictions = pd.read_csv(run / "test_predictions.csv")
         accuracy[name] = (predictions["pred_response"] == predictions["true_response"]).mean()
-    assert accuracy["fused"] == 1.0 and accuracy["imaging"] < 0.7, accuracy
+    # 9 test subjects: at most one miss for the fused model (100% here), chance level (1/3) without the covariates
+    assert accuracy["fused"] >= 8 / 9 and accuracy["imaging"] < 0.7, accuracy
