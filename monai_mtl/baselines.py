@@ -15,11 +15,9 @@
   encoded by :class:`~monai_mtl.covariates.CovariateEncoding` fitted on the train + validation parts
   (standardised numbers, one-hot categories, missing indicators). The columns: ``covariates`` given, else
   the reference run's ``covariates`` setting, else those ``generate --covariates`` recorded in ``cohort.json``.
-  Linear models see no interactions between covariates; a gradient-boosting model was not chosen
-  because the column effects of the synthetic cohort are additive per class step (``monai_mtl.clinical``).
 
 All write ``test_metrics.json`` and ``test_predictions.csv`` in the format of the training run. With a
-cross-validation folder as the reference (:func:`run_baseline_cv`) they run on each fold's split and are
+cross-validation folder as the reference (:func:`run_baselines_cv`) they run on each fold's split and are
 summarized like ``cv`` (``cv_folds.csv``, ``cv_summary.json``).
 """
 
@@ -51,8 +49,7 @@ NETWORK_CONFIGS = {
     "single-task-severity": "single_task_severity.json",
     "resnet18": "resnet18.json",
 }
-SKLEARN_KINDS = ("class-median", "classical", "covariates-only")
-KINDS = (*SKLEARN_KINDS, *NETWORK_CONFIGS)
+KINDS = ("class-median", "classical", "covariates-only", *NETWORK_CONFIGS)
 
 
 def region_features(image_path: str, atlas: np.ndarray) -> np.ndarray:
