@@ -51,28 +51,55 @@ class TaskAttention(nn.Module):
         return features * self.spatial(features)
 
 
+#: how non-imaging features enter a task path (:class:`TaskHead`)
+FUSIONS = ("concat", "film")
+
+
 class TaskHead(nn.Module):
-    """One task path: its own conv blocks (optional), attention, global average pooling, dropout and two dense layers."""
+    """One task path: its own conv blocks (optional), attention, global average pooling, dropout and two dense layers.
+
+    ``extra_features`` non-imaging features (the covariate embedding) enter the path by ``fusion``:
+
+    * ``concat``: joined to the pooled image features before the dense layers;
+    * ``film``: feature-wise linear modulation (Perez et al., AAAI 2018) of the pooled image features,
+      ``pooled * (1 + gamma) + beta`` with ``gamma``, ``beta`` a linear function of the extra features,
+      zero at initialisation, so training starts from the imaging-only path. The covariates act on
+      the image evidence multiplicatively rather than beside it.
+    """
 
     def __init__(self, channels: int, hidden: int, out_features: int, dropout: float, block: nn.Module | None = None,
-                 extra_features: int = 0) -> None:
+                 extra_features: int = 0, fusion: str = "concat") -> None:
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ConfigError(f"covariate_fusion must be one of {list(FUSIONS)}, got {fusion!r}")
         self.block = block if block is not None else nn.Identity()
         self.attention = TaskAttention(channels)
         self.pool = nn.AdaptiveAvgPool3d(1)
+        self.film: nn.Linear | None = None
+        if extra_features and fusion == "film":
+            self.film = nn.Linear(extra_features, 2 * channels)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+        joined = extra_features if self.film is None else 0
         self.mlp = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
-            nn.Linear(channels + extra_features, hidden),
+            nn.Linear(channels + joined, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden, out_features),
         )
 
     def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """``extra`` ``(B, extra_features)``: non-imaging features joined to the pooled image features before the dense layers."""
+        """``extra`` ``(B, extra_features)``: non-imaging features, fused with the pooled image features by ``fusion``."""
         pooled = self.pool(self.attention(self.block(features))).flatten(1)
-        return self.mlp(pooled if extra is None else torch.cat([pooled, extra.to(pooled.dtype)], dim=1))
+        if extra is None:
+            return self.mlp(pooled)
+        extra = extra.to(pooled.dtype)
+        if self.film is not None:
+            gamma, beta = self.film(extra).chunk(2, dim=1)
+            return self.mlp(pooled * (1 + gamma) + beta)
+        return self.mlp(torch.cat([pooled, extra], dim=1))
 
 
 class DualPathNet(nn.Module):
@@ -97,6 +124,10 @@ class DualPathNet(nn.Module):
         tasks: the task paths to build; one task gives the single-task baseline with the same encoder.
             A task left out has no parameters and outputs a constant (logits 0, severity 0.5), so the
             output keeps its shape and the other task's metrics, losses and tools work unchanged.
+        num_covariates: encoded clinical covariates per subject (0: imaging only).
+        covariate_features: width of the covariate embedding shared by both task paths.
+        covariate_fusion: how that embedding enters each task path, ``concat`` or ``film``
+            (:class:`TaskHead`); without covariates it has no effect.
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
@@ -119,6 +150,7 @@ class DualPathNet(nn.Module):
         tasks: Sequence[str] = TASKS,
         num_covariates: int = 0,
         covariate_features: int = 16,
+        covariate_fusion: str = "concat",
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -127,9 +159,10 @@ class DualPathNet(nn.Module):
             "dropout": dropout, "task_blocks": task_blocks, "tasks": list(tasks),
         }
         if num_covariates:  # recorded only when used, so imaging-only checkpoints keep their stored settings
-            self.init_args.update(num_covariates=int(num_covariates), covariate_features=int(covariate_features))
+            self.init_args.update(num_covariates=int(num_covariates), covariate_features=int(covariate_features),
+                                  covariate_fusion=covariate_fusion)
         self.num_covariates = int(num_covariates)
-        # encoded clinical covariates -> a small embedding joined to both task paths (concatenation fusion)
+        # encoded clinical covariates -> a small embedding, fused into both task paths
         self.covariate_embedding = (nn.Sequential(nn.Linear(num_covariates, covariate_features), nn.ReLU(inplace=True))
                                     if num_covariates else None)
         extra = covariate_features if num_covariates else 0
@@ -155,7 +188,7 @@ class DualPathNet(nn.Module):
 
         def head(out_features: int) -> TaskHead:
             return TaskHead(channels[-1], hidden, out_features, dropout, blocks(shared, len(channels)) if task_blocks else None,
-                            extra)
+                            extra, covariate_fusion)
 
         self.response_head = head(num_classes) if "response" in tasks else ConstantHead(num_classes)
         self.severity_head = head(1) if "severity" in tasks else ConstantHead(1)

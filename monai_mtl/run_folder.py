@@ -48,6 +48,12 @@ LOGISTICS = frozenset({
     "validate_images", "resume", "allow_split_overlap", "max_epochs", "imports", "initialize", "finalize", "run",
     "training", "evaluating", "_meta_",
 })
+#: settings added after runs were made, with the value that reproduces what those runs did: a stored
+#: run that lacks one of these keys was made with this value, so it is no difference on resume
+ADDED_SETTINGS = {
+    "covariate_fusion": "concat",
+    "network_def#covariate_fusion": "@covariate_fusion",
+}
 #: keyword arguments of ``monai.bundle.run`` / ``create_workflow`` that are not config overrides
 _RUN_ARGUMENTS = frozenset({
     "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
@@ -248,7 +254,11 @@ def defining_settings(config: Mapping) -> dict[str, Any]:
 
 
 def differences(stored: Mapping, current: Mapping, limit: int = 6) -> list[str]:
-    """``key: old -> new`` for each differing key (``(unset)`` where one side lacks it)."""
+    """``key: old -> new`` for each differing key (``(unset)`` where one side lacks it).
+
+    A key of :data:`ADDED_SETTINGS` that ``stored`` lacks and ``current`` has counts as stored with its value there.
+    """
+    stored = {**{k: v for k, v in ADDED_SETTINGS.items() if k in current}, **stored}
     keys = sorted(k for k in set(stored) | set(current) if stored.get(k, "(unset)") != current.get(k, "(unset)"))
     lines = [f"{k}: {json.dumps(stored.get(k, '(unset)'))} -> {json.dumps(current.get(k, '(unset)'))}" for k in keys[:limit]]
     if len(keys) > limit:
@@ -337,7 +347,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "RUN_OUTPUTS", "LOGISTICS", "current_bundle", "flatten", "check_overrides", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings",
 ]

@@ -79,9 +79,6 @@ def run_training(
         requested = requested_settings(config_files, dataset_dir, output_dir, overrides)
         settings_file = output_dir / SETTINGS_FILE
         stored = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-        if stored == requested:
-            logger.info("%s already finished with the same settings, not rerun", output_dir)
-            return output_dir
         changed = differences(stored.get("config", {}), requested["config"])
         if stored.get("max_epochs") != requested["max_epochs"]:
             changed.insert(0, f"max_epochs: {stored.get('max_epochs')} -> {requested['max_epochs']}")
@@ -89,6 +86,9 @@ def run_training(
             changed.insert(0, "another cohort (labels.csv or images)")
         if not stored:
             changed = [f"it stores no {SETTINGS_FILE} (an older version's run)"]
+        if not changed:  # the same settings (a key added since, at the value the run used, is no change)
+            logger.info("%s already finished with the same settings, not rerun", output_dir)
+            return output_dir
         raise ConfigError(f"{output_dir} holds a finished run made with other settings ({'; '.join(changed)}): "
                           "pass --overwrite to train it again, or use another output folder")
     if overwrite:

@@ -135,6 +135,36 @@ def test_a_covariate_network_needs_its_covariates_and_keeps_imaging_checkpoints_
         fused(torch.zeros(2, 1, 64, 64, 16))
 
 
+def test_film_fusion_starts_as_the_imaging_path_then_modulates_it_by_the_covariates():
+    import torch
+
+    from monai_mtl.errors import ConfigError
+    from monai_mtl.networks import DualPathNet, build_network, network_config
+    from monai_mtl.run_folder import differences
+
+    torch.manual_seed(0)
+    film = DualPathNet(num_covariates=3, covariate_fusion="film").eval()
+    image, one, other = torch.randn(2, 1, 64, 64, 16), torch.zeros(2, 3), torch.randn(2, 3) * 3
+    # gamma = beta = 0 at initialisation: the covariates change nothing yet, and no covariate is joined to the dense layers
+    assert torch.equal(film(image, one), film(image, other))
+    assert film.response_head.mlp[2].in_features == 128
+    film(image, other).sum().backward()  # ... but the modulation receives gradients, so training moves it
+    assert film.response_head.film.weight.grad.abs().sum() > 0 and film.severity_head.film.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        film.response_head.film.weight.normal_()
+    assert not torch.allclose(film(image, one)[:, :3], film(image, other)[:, :3])
+    # the checkpoint's settings rebuild the FiLM network; concatenation stays the default
+    assert build_network(network_config(film)).response_head.film is not None
+    assert DualPathNet(num_covariates=3).init_args["covariate_fusion"] == "concat"
+    with pytest.raises(ConfigError, match="covariate_fusion must be one of"):
+        DualPathNet(num_covariates=3, covariate_fusion="sum")
+    # runs stored before the key existed were concatenation runs: resuming them with the default is no difference
+    current = {"covariate_fusion": "concat", "network_def#covariate_fusion": "@covariate_fusion", "seed": 1}
+    assert differences({"seed": 1}, current) == []
+    assert differences({"seed": 1}, {**current, "covariate_fusion": "film"}) == ['covariate_fusion: "concat" -> "film"']
+    assert differences({"seed": 1}, {"seed": 1}) == []  # a config without the key (e.g. ResNet-18's network) is no difference
+
+
 def test_integrated_gradients_add_up_to_the_change_and_ignore_an_unused_covariate():
     import torch
 
@@ -183,11 +213,12 @@ def test_a_signal_only_the_covariates_carry_is_learned_by_the_fused_model_and_no
 
     cohort = _with_marker(train_cohort, tmp_path / "marker")
     accuracy = {}
-    for name, covariates in (("fused", ["marker", "noise"]), ("imaging", [])):
+    for name, covariates, fusion in (("concat", ["marker", "noise"], "concat"), ("film", ["marker", "noise"], "film"),
+                                     ("imaging", [], "concat")):
         run = tmp_path / name
         run_bundle("training", TRAIN_CONFIG, dataset_dir=str(cohort), output_dir=str(run), max_epochs=8, batch_size=8,
-                   learning_rate=0.003, cache_workers=1, covariates=covariates)
+                   learning_rate=0.003, cache_workers=1, covariates=covariates, covariate_fusion=fusion)
         predictions = pd.read_csv(run / "test_predictions.csv")
         accuracy[name] = (predictions["pred_response"] == predictions["true_response"]).mean()
-    # 9 test subjects: at most one miss for the fused model (100% here), chance level (1/3) without the covariates
-    assert accuracy["fused"] >= 8 / 9 and accuracy["imaging"] < 0.7, accuracy
+    # 9 test subjects: at most one miss for either fusion of the covariates (100% here), chance level (1/3) without them
+    assert accuracy["concat"] >= 8 / 9 and accuracy["film"] >= 8 / 9 and accuracy["imaging"] < 0.7, accuracy
