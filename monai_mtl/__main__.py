@@ -386,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # its event reader logs every file it moves to (reading the runs' validation curves)
+        logging.getLogger("tensorboard").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (MonaiMtlError, ValueError, OSError) as err:

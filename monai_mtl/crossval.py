@@ -34,6 +34,25 @@ TRUST_METRICS = (
 )
 
 
+#: the validation part's figures at the checkpoint's epoch (from the fold's TensorBoard log): what a choice between
+#: configurations compared by CV may look at, since the test figures may not pick a model
+VALIDATION_METRICS = ("val_accuracy", "val_severity_mae")
+
+
+def checkpoint_validation(run_dir: str | os.PathLike) -> dict[str, float]:
+    """:data:`VALIDATION_METRICS` at the epoch ``run_dir/model.pt`` was saved at; empty if the run logged none."""
+    from monai_mtl.checkpoints import read_run_metadata
+    from monai_mtl.evaluation import read_scalars
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").is_file() or not (run_dir / "tensorboard").is_dir():
+        return {}
+    epoch = read_run_metadata(run_dir / "model.pt").get("epoch")
+    scalars = read_scalars(run_dir / "tensorboard")
+    values = {tag: dict(scalars.get(tag, [])).get(epoch) for tag in VALIDATION_METRICS}
+    return {tag: value for tag, value in values.items() if value is not None}
+
+
 def fold_dir(output_dir: str | os.PathLike, fold: int) -> Path:
     return Path(output_dir) / f"fold_{fold}"
 
@@ -110,10 +129,12 @@ def summarize(
         else:
             logger.warning("fold %d: no test_predictions.csv or model.pt, cannot check it for leakage", fold)
         trust = {k: metrics.get("trust", {}).get(k) for k in TRUST_METRICS if k in metrics.get("trust", {})}
-        rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}, **trust})
+        rows.append({"fold": fold, "n": metrics["n"], **{k: metrics[k] for k in SUMMARY_METRICS}, **trust,
+                     **checkpoint_validation(path.parent)})
     folds = pd.DataFrame(rows)
-    # coverage, interval width, set size... of folds whose checkpoints were calibrated (monai_mtl.trust)
-    summarized = [*SUMMARY_METRICS, *(k for k in TRUST_METRICS if k in folds and folds[k].notna().all())]
+    # coverage, interval width, set size... of folds whose checkpoints were calibrated (monai_mtl.trust), and the
+    # validation figures where every fold logged them
+    summarized = [*SUMMARY_METRICS, *(k for k in (*TRUST_METRICS, *VALIDATION_METRICS) if k in folds and folds[k].notna().all())]
     summary = {
         "num_folds": num_folds,
         "n": int(folds["n"].sum()),
@@ -163,4 +184,5 @@ def cross_validate(
         return summarize(output_dir, num_folds, allow_overlap, dataset_dir)
 
 
-__all__ = ["fold_request", "check_partition", "summarize", "cross_validate", "fold_dir"]
+__all__ = ["SUMMARY_METRICS", "TRUST_METRICS", "VALIDATION_METRICS", "checkpoint_validation", "fold_request", "check_partition", "summarize",
+           "cross_validate", "fold_dir"]

@@ -10,7 +10,7 @@ import pytest
 
 from monai_mtl.__main__ import main
 from monai_mtl.cohort import CohortError, stratified_split
-from monai_mtl.crossval import fold_dir, summarize
+from monai_mtl.crossval import checkpoint_validation, fold_dir, summarize
 
 
 def _table(n=300, seed=0):
@@ -58,7 +58,7 @@ def test_summary_names_a_missing_fold(tmp_path):
 
 
 @pytest.mark.slow
-def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path):
+def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path, capsys):
     out = tmp_path / "cv"
     args = ["cv", "--folds", "2", "--dataset-dir", str(train_cohort), "--output-dir", str(out), "--max-epochs", "1",
             "--override", "batch_size=8", "cache_workers=1"]
@@ -71,6 +71,23 @@ def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path):
     assert not tests[0] & tests[1] and len(tests[0] | tests[1]) == 60
     summary = json.loads((out / "cv_summary.json").read_text())
     assert summary["num_folds"] == 2 and summary["n"] == 60
+    # the validation part's figures at each checkpoint's epoch sit beside the test figures, for choosing between configs
+    folds = pd.read_csv(out / "cv_folds.csv")
+    for fold in range(2):
+        validation = checkpoint_validation(fold_dir(out, fold))
+        assert set(validation) == {"val_accuracy", "val_severity_mae"} and 0 <= validation["val_accuracy"] <= 1
+        assert folds.loc[fold, "val_accuracy"] == pytest.approx(validation["val_accuracy"])
+    assert summary["val_severity_mae"]["mean"] == pytest.approx(folds["val_severity_mae"].mean())
+    # a fold stored before a setting was added (covariate_fusion), at the value it used, is still the same run
+    settings_file = fold_dir(out, 0) / "run_settings.json"
+    settings = json.loads(settings_file.read_text())
+    del settings["config"]["covariate_fusion"], settings["config"]["network_def#covariate_fusion"]
+    settings_file.write_text(json.dumps(settings))
+    first = (fold_dir(out, 0) / "test_metrics.json").stat().st_mtime_ns
+    assert main(args) == 0 and (fold_dir(out, 0) / "test_metrics.json").stat().st_mtime_ns == first
+    with pytest.raises(SystemExit) as refused:  # ... and another value is another run
+        main([*args, "covariate_fusion=film"])
+    assert refused.value.code == 2 and 'covariate_fusion: "concat" -> "film"' in capsys.readouterr().err
 
 
 def test_cv_bad_fold_is_one_error_line(train_cohort, tmp_path, capsys):
