@@ -308,6 +308,9 @@ def check_run_settings(output_dir: str | os.PathLike, dataset_dir: str | os.Path
             changed.insert(0, f"the cohort in {dataset_dir} (labels.csv or images) differs from the one the run was trained on")
         if changed:
             raise ConfigError(f"{output_dir} holds a run made with other settings ({'; '.join(changed)}): {way_out}")
+        if stored.get("max_epochs") != current["max_epochs"]:  # an extended (or shortened) run: its settings say so
+            logger.info("%s: max_epochs %s -> %s", output_dir, stored.get("max_epochs"), current["max_epochs"])
+            atomic_write_json(settings_file, {**stored, "max_epochs": current["max_epochs"]})
         return current
     atomic_write_json(settings_file, current)
     return current

@@ -71,6 +71,8 @@ def test_resume_may_extend_the_epochs(run_copy, train_cohort, caplog):
         _train(train_cohort, run_copy, max_epochs=3)
     assert "resuming from epoch 2 of 3" in caplog.text
     assert torch.load(run_copy / "training_state.pt", weights_only=False)["epoch"] == 3
+    # the stored settings now say 3 epochs, so cv / baseline see a run of 3 epochs, not a stale 2
+    assert json.loads((run_copy / "run_settings.json").read_text())["max_epochs"] == 3
 
 
 def test_a_batch_larger_than_the_training_part_is_refused(train_cohort, tmp_path):
