@@ -114,7 +114,8 @@ def _add_cv(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, config_file: bool = True) -> None:
     """The options shared by every command that launches bundle training runs."""
-    p.add_argument("--max-epochs", type=int, default=None, help="budget: override max_epochs of every run")
+    p.add_argument("--max-epochs", type=int, default=None, help="budget: override max_epochs of every run (more than a finished run had: it continues "
+                   "from its last epoch)")
     if config_file:
         p.add_argument("--config-file", nargs="+", default=None, help="bundle config files merged in order")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="more bundle overrides (KEY=VALUE)")

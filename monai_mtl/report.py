@@ -189,6 +189,10 @@ MULTIMODAL_REFERENCE = CvComparison(
     make="`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
          "--dataset-dir data/multimodal --output-dir runs/cv_multimodal`")
 MULTIMODAL_COMPARISONS = (
+    CvComparison("fused by FiLM instead of concatenation (`covariate_fusion=film`)", "runs/cv_multimodal_film",
+                 ("bundle/configs/train.json", "bundle/configs/multimodal.json"),
+                 make="`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
+                      "--override covariate_fusion=film --dataset-dir data/multimodal --output-dir runs/cv_multimodal_film`"),
     CvComparison("imaging only (the default model)", "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),

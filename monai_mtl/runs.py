@@ -39,6 +39,10 @@ CONFIG_DIR = bundle_dir() / "configs"
 DEFAULT_CONFIG = str(CONFIG_DIR / "train.json")
 
 
+#: a finished run's test and evaluation results, stale once the run trains on
+FINISHED_OUTPUTS = ("test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv")
+
+
 def training_command(
     config_files: Sequence[str], dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
     overrides: Mapping[str, object] | None = None,
@@ -63,7 +67,8 @@ def run_training(
 
     A finished run (``test_metrics.json``) is reused only when the settings it stored equal the ones
     these arguments give; otherwise it is refused, naming the differences, unless ``overwrite``
-    (which trains it again from scratch, ``--resume False``). An unfinished run is resumed by the
+    (which trains it again from scratch, ``--resume False``). A finished run asked for more epochs and
+    nothing else is continued from its last epoch. An unfinished run is resumed by the
     child, which refuses other settings itself. ``threads``: the child's intra-op threads (default:
     inherited); ``log_file``: write the child's output there instead of passing it through.
 
@@ -80,17 +85,25 @@ def run_training(
         settings_file = output_dir / SETTINGS_FILE
         stored = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
         changed = differences(stored.get("config", {}), requested["config"])
-        if stored.get("max_epochs") != requested["max_epochs"]:
-            changed.insert(0, f"max_epochs: {stored.get('max_epochs')} -> {requested['max_epochs']}")
         if stored.get("cohort") != requested["cohort"]:
             changed.insert(0, "another cohort (labels.csv or images)")
         if not stored:
             changed = [f"it stores no {SETTINGS_FILE} (an older version's run)"]
-        if not changed:  # the same settings (a key added since, at the value the run used, is no change)
+        if not changed and stored.get("max_epochs") == requested["max_epochs"]:
+            # the same settings (a key added since, at the value the run used, is no change)
             logger.info("%s already finished with the same settings, not rerun", output_dir)
             return output_dir
-        raise ConfigError(f"{output_dir} holds a finished run made with other settings ({'; '.join(changed)}): "
-                          "pass --overwrite to train it again, or use another output folder")
+        longer = (stored.get("max_epochs") or 0) < (requested["max_epochs"] or 0)
+        if changed or not longer or not (output_dir / "training_state.pt").is_file():
+            if stored.get("max_epochs") != requested["max_epochs"]:
+                changed.insert(0, f"max_epochs: {stored.get('max_epochs')} -> {requested['max_epochs']}")
+            raise ConfigError(f"{output_dir} holds a finished run made with other settings ({'; '.join(changed)}): "
+                              "pass --overwrite to train it again, or use another output folder")
+        # only more epochs: the child resumes the run from its last epoch. What said it had finished goes first, so
+        # an extension stopped halfway is an unfinished run (resumed next time), never the old figures under new settings
+        logger.info("%s finished %s epochs: continuing it to %s", output_dir, stored.get("max_epochs"), requested["max_epochs"])
+        for name in FINISHED_OUTPUTS:
+            (output_dir / name).unlink(missing_ok=True)
     if overwrite:
         overrides["resume"] = False
     command = training_command(config_files, dataset_dir, output_dir, overrides)
@@ -181,5 +194,5 @@ def run_trainings(requests: Sequence[RunRequest], jobs: int = 1, threads: int | 
     return [f.result() for f in futures]
 
 
-__all__ = ["bundle_dir", "CONFIG_DIR", "DEFAULT_CONFIG", "training_command", "run_training", "RunRequest",
+__all__ = ["bundle_dir", "CONFIG_DIR", "DEFAULT_CONFIG", "FINISHED_OUTPUTS", "training_command", "run_training", "RunRequest",
            "threads_per_run", "run_trainings"]

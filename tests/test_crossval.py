@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from monai_mtl.__main__ import main
 from monai_mtl.cohort import CohortError, stratified_split
@@ -88,6 +89,12 @@ def test_cv_runs_each_fold_once_then_summarizes(train_cohort, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # ... and another value is another run
         main([*args, "covariate_fusion=film"])
     assert refused.value.code == 2 and 'covariate_fusion: "concat" -> "film"' in capsys.readouterr().err
+    # more epochs and nothing else: each finished fold continues from its last epoch, and says so in its settings
+    assert main([*args[:args.index("--max-epochs")], "--max-epochs", "2", *args[args.index("--max-epochs") + 2:]]) == 0
+    for fold in range(2):
+        assert torch.load(fold_dir(out, fold) / "training_state.pt", weights_only=False)["epoch"] == 2
+        assert json.loads((fold_dir(out, fold) / "run_settings.json").read_text())["max_epochs"] == 2
+    assert (fold_dir(out, 0) / "test_metrics.json").stat().st_mtime_ns != first
 
 
 def test_cv_bad_fold_is_one_error_line(train_cohort, tmp_path, capsys):

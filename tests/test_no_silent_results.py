@@ -75,6 +75,24 @@ def test_resume_may_extend_the_epochs(run_copy, train_cohort, caplog):
     assert json.loads((run_copy / "run_settings.json").read_text())["max_epochs"] == 3
 
 
+def test_a_finished_run_continued_to_more_epochs_is_unfinished_until_the_continuation_ends(run_copy, train_cohort, monkeypatch):
+    from monai_mtl import runs
+    from monai_mtl.errors import RunError
+
+    def stopped_halfway(*args, **kwargs):  # the child dies before it writes anything
+        raise RunError("killed")
+
+    monkeypatch.setattr(runs, "_run_child", stopped_halfway)
+    with pytest.raises(RunError):
+        runs.run_training([TRAIN_CONFIG], train_cohort, run_copy, {**SMALL, "max_epochs": 3})
+    # the two-epoch results are gone with the claim that the run finished: cv resumes it instead of reusing them
+    assert not any((run_copy / name).exists() for name in runs.FINISHED_OUTPUTS)
+    assert (run_copy / "training_state.pt").is_file() and (run_copy / "model.pt").is_file()
+    (run_copy / "test_metrics.json").write_text("{}")  # finished again; fewer epochs than it ran is another run
+    with pytest.raises(ConfigError, match="max_epochs: 2 -> 1"):
+        runs.run_training([TRAIN_CONFIG], train_cohort, run_copy, {**SMALL, "max_epochs": 1})
+
+
 def test_a_batch_larger_than_the_training_part_is_refused(train_cohort, tmp_path):
     message = _refused(ConfigError, _train, train_cohort, tmp_path / "run", max_epochs=1, batch_size=64)
     assert "batch_size 64 is larger than the training part (43 subjects" in message
