@@ -184,16 +184,19 @@ CV_COMPARISONS = (
 
 #: the fused model's CV on the multimodal cohort (``generate --covariates``), compared with each modality alone
 MULTIMODAL_REFERENCE = CvComparison(
-    "**fused**: imaging + covariates (`multimodal.json`)", "runs/cv_multimodal",
+    "**fused**: imaging + covariates (`multimodal.json`: concatenation, up to 60 epochs)", "runs/cv_multimodal",
     ("bundle/configs/train.json", "bundle/configs/multimodal.json"),
     make="`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
          "--dataset-dir data/multimodal --output-dir runs/cv_multimodal`")
+_MULTIMODAL_CV = ("`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
+                  "--dataset-dir data/multimodal --max-epochs 30")
 MULTIMODAL_COMPARISONS = (
-    CvComparison("fused by FiLM instead of concatenation (`covariate_fusion=film`)", "runs/cv_multimodal_film",
+    CvComparison("fused, 30 epochs", "runs/cv_multimodal_e30", ("bundle/configs/train.json", "bundle/configs/multimodal.json"),
+                 make=f"{_MULTIMODAL_CV} --output-dir runs/cv_multimodal_e30`"),
+    CvComparison("fused by FiLM instead of concatenation, 30 epochs", "runs/cv_multimodal_film",
                  ("bundle/configs/train.json", "bundle/configs/multimodal.json"),
-                 make="`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
-                      "--override covariate_fusion=film --dataset-dir data/multimodal --output-dir runs/cv_multimodal_film`"),
-    CvComparison("imaging only (the default model)", "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
+                 make=f"{_MULTIMODAL_CV} --override covariate_fusion=film --output-dir runs/cv_multimodal_film`"),
+    CvComparison("imaging only (the default model, 30 epochs)", "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
                  make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),

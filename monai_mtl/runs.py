@@ -39,8 +39,12 @@ CONFIG_DIR = bundle_dir() / "configs"
 DEFAULT_CONFIG = str(CONFIG_DIR / "train.json")
 
 
-#: a finished run's test and evaluation results, stale once the run trains on
-FINISHED_OUTPUTS = ("test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv")
+#: a finished run's test and evaluation results (the ``evaluating`` workflow's figures too), stale once the run trains on
+FINISHED_OUTPUTS = (
+    "test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
+    "severity_scatter.png", "severity_error_histogram.png", "reliability_diagram.png", "training_curves.png",
+    "covariate_attributions.csv", "covariate_importance.png",
+)
 
 
 def training_command(
