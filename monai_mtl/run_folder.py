@@ -5,7 +5,8 @@ its folder while it lives. A training run stores the settings that define it in
 ``run_settings.json``: the bundle config as resolved from its files and overrides, without the
 :data:`LOGISTICS` keys, and a fingerprint of the cohort (``labels.csv`` and every image's size and
 first and last bytes). Resuming with other settings, another cohort, or a folder of an older
-version is refused, naming each difference and the way out (``--resume False``).
+version is refused, naming each difference and the way out (``--resume False``). A setting added to the
+configs later (:data:`ADDED_SETTINGS`) is read, in a run stored before it, as the value that run used.
 
 MONAI gives the expressions of a bundle config no handle on the parser that evaluates them, so
 :func:`current_bundle` finds the running ``ConfigWorkflow`` (and, when started through
