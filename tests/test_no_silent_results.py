@@ -195,10 +195,10 @@ def test_cv_refuses_finished_folds_of_other_settings_and_overwrites_on_request(t
     assert main([*args, "--max-epochs", "1"]) == 0  # same settings: reused
     assert (out / "fold_0" / "test_metrics.json").stat().st_mtime_ns == stamp
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, "--max-epochs", "2"])
+    with pytest.raises(SystemExit) as exit_info:  # (more epochs and nothing else would continue the folds: test_crossval)
+        main([*args, "learning_rate=0.001", "--max-epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and "max_epochs: 1 -> 2" in err and "--overwrite" in err
+    assert exit_info.value.code == 2 and "learning_rate: 0.0005 -> 0.001" in err and "--overwrite" in err
     with pytest.raises(SystemExit):
         main([*args[:2], "3", *args[3:], "--max-epochs", "1"])  # 3 folds into the 2-fold folder
     assert "num_folds: 2 -> 3" in capsys.readouterr().err.strip().splitlines()[-1]
