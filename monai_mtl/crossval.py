@@ -39,6 +39,11 @@ TRUST_METRICS = (
 VALIDATION_METRICS = ("val_accuracy", "val_severity_mae")
 
 
+def validation_at(scalars: dict[str, list[tuple[int, float]]], epoch: int | None) -> dict[str, float]:
+    """:data:`VALIDATION_METRICS` of a run's TensorBoard ``scalars`` (:func:`~monai_mtl.evaluation.read_scalars`) at ``epoch`` (NaN if not logged)."""
+    return {tag: dict(scalars.get(tag, [])).get(epoch, float("nan")) for tag in VALIDATION_METRICS}
+
+
 def checkpoint_validation(run_dir: str | os.PathLike) -> dict[str, float]:
     """:data:`VALIDATION_METRICS` at the epoch ``run_dir/model.pt`` was saved at; empty if the run logged none."""
     from monai_mtl.checkpoints import read_run_metadata
@@ -48,9 +53,8 @@ def checkpoint_validation(run_dir: str | os.PathLike) -> dict[str, float]:
     if not (run_dir / "model.pt").is_file() or not (run_dir / "tensorboard").is_dir():
         return {}
     epoch = read_run_metadata(run_dir / "model.pt").get("epoch")
-    scalars = read_scalars(run_dir / "tensorboard")
-    values = {tag: dict(scalars.get(tag, [])).get(epoch) for tag in VALIDATION_METRICS}
-    return {tag: value for tag, value in values.items() if value is not None}
+    values = validation_at(read_scalars(run_dir / "tensorboard"), epoch)
+    return {tag: value for tag, value in values.items() if value == value}  # NaN: not logged at that epoch
 
 
 def fold_dir(output_dir: str | os.PathLike, fold: int) -> Path:
@@ -184,5 +188,5 @@ def cross_validate(
         return summarize(output_dir, num_folds, allow_overlap, dataset_dir)
 
 
-__all__ = ["SUMMARY_METRICS", "TRUST_METRICS", "VALIDATION_METRICS", "checkpoint_validation", "fold_request", "check_partition", "summarize",
+__all__ = ["SUMMARY_METRICS", "TRUST_METRICS", "VALIDATION_METRICS", "validation_at", "checkpoint_validation", "fold_request", "check_partition", "summarize",
            "cross_validate", "fold_dir"]

@@ -46,6 +46,7 @@ def trial_dir(output_dir: str | os.PathLike, index: int, point: Mapping[str, flo
 
 def trial_validation(run_dir: Path) -> dict[str, float] | None:
     """Lowest validation loss of a finished trial, with its epoch and the validation accuracy/MAE there."""
+    from monai_mtl.crossval import validation_at
     from monai_mtl.evaluation import read_scalars
 
     if not (run_dir / "test_metrics.json").is_file():
@@ -55,8 +56,7 @@ def trial_validation(run_dir: Path) -> dict[str, float] | None:
     if not losses:
         raise RuntimeError(f"{run_dir}: finished but its TensorBoard log has no val_loss")
     epoch = min(losses, key=losses.get)
-    at = {tag: dict(scalars.get(tag, [])).get(epoch, float("nan")) for tag in ("val_accuracy", "val_severity_mae")}
-    return {"best_val_loss": losses[epoch], "best_epoch": epoch, "epochs_run": max(losses), **at}
+    return {"best_val_loss": losses[epoch], "best_epoch": epoch, "epochs_run": max(losses), **validation_at(scalars, epoch)}
 
 
 def collect(output_dir: str | os.PathLike, points: Sequence[Mapping[str, float]]) -> pd.DataFrame:

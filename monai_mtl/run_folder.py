@@ -37,12 +37,14 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".monai_mtl.lock"
 SETTINGS_FILE = "run_settings.json"
-#: what a training run writes into its folder; ``--resume False`` removes exactly these (nothing else)
-RUN_OUTPUTS = (
-    "model.pt", "training_state.pt", "split.json", SETTINGS_FILE, "test_metrics.json", "test_predictions.csv",
-    "metrics.json", "predictions.csv", "confusion_matrix.png", "severity_scatter.png", "severity_error_histogram.png",
-    "training_curves.png", "tensorboard",
+#: a finished run's test and evaluation results (the ``evaluating`` workflow's figures too): stale once the run trains on
+FINISHED_OUTPUTS = (
+    "test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
+    "severity_scatter.png", "severity_error_histogram.png", "reliability_diagram.png", "training_curves.png",
+    "covariate_attributions.csv", "covariate_importance.png",
 )
+#: what a training run writes into its folder; ``--resume False`` removes exactly these (nothing else)
+RUN_OUTPUTS = ("model.pt", "training_state.pt", "split.json", SETTINGS_FILE, "tensorboard", *FINISHED_OUTPUTS)
 #: config keys that say where and how fast a run works, not what it learns: they may change on resume
 LOGISTICS = frozenset({
     "bundle_root", "dataset_dir", "synthetic_dir", "synthetic_shape", "synthetic_spacing", "synthetic_num_samples", "synthetic_covariates", "output_dir", "ckpt_path", "device", "num_workers", "cache_workers", "cache", "cache_dir",
@@ -351,7 +353,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings",
 ]

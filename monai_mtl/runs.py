@@ -39,14 +39,6 @@ CONFIG_DIR = bundle_dir() / "configs"
 DEFAULT_CONFIG = str(CONFIG_DIR / "train.json")
 
 
-#: a finished run's test and evaluation results (the ``evaluating`` workflow's figures too), stale once the run trains on
-FINISHED_OUTPUTS = (
-    "test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
-    "severity_scatter.png", "severity_error_histogram.png", "reliability_diagram.png", "training_curves.png",
-    "covariate_attributions.csv", "covariate_importance.png",
-)
-
-
 def training_command(
     config_files: Sequence[str], dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
     overrides: Mapping[str, object] | None = None,
@@ -80,7 +72,7 @@ def run_training(
         ConfigError: a finished run of other settings, and not ``overwrite``.
         RunError: the child failed; the message ends with its last error line.
     """
-    from monai_mtl.run_folder import SETTINGS_FILE, differences, requested_settings
+    from monai_mtl.run_folder import FINISHED_OUTPUTS, SETTINGS_FILE, differences, requested_settings
 
     output_dir = Path(output_dir)
     overrides = dict(overrides or {})
@@ -198,5 +190,5 @@ def run_trainings(requests: Sequence[RunRequest], jobs: int = 1, threads: int | 
     return [f.result() for f in futures]
 
 
-__all__ = ["bundle_dir", "CONFIG_DIR", "DEFAULT_CONFIG", "FINISHED_OUTPUTS", "training_command", "run_training", "RunRequest",
+__all__ = ["bundle_dir", "CONFIG_DIR", "DEFAULT_CONFIG", "training_command", "run_training", "RunRequest",
            "threads_per_run", "run_trainings"]

@@ -26,7 +26,7 @@ from monai_mtl.__main__ import main
 from monai_mtl.cohort import prepare_datalists
 from monai_mtl.images import check_image
 from monai_mtl.errors import CheckpointError, CohortError, ConfigError, OutputError, RunLockError, project_error
-from monai_mtl.run_folder import LOCK_FILE, SETTINGS_FILE
+from monai_mtl.run_folder import FINISHED_OUTPUTS, LOCK_FILE, SETTINGS_FILE
 
 INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
 SMALL = {"batch_size": 8, "cache_workers": 1}
@@ -86,7 +86,7 @@ def test_a_finished_run_continued_to_more_epochs_is_unfinished_until_the_continu
     with pytest.raises(RunError):
         runs.run_training([TRAIN_CONFIG], train_cohort, run_copy, {**SMALL, "max_epochs": 3})
     # the two-epoch results are gone with the claim that the run finished: cv resumes it instead of reusing them
-    assert not any((run_copy / name).exists() for name in runs.FINISHED_OUTPUTS)
+    assert not any((run_copy / name).exists() for name in FINISHED_OUTPUTS)
     assert (run_copy / "training_state.pt").is_file() and (run_copy / "model.pt").is_file()
     (run_copy / "test_metrics.json").write_text("{}")  # finished again; fewer epochs than it ran is another run
     with pytest.raises(ConfigError, match="max_epochs: 2 -> 1"):
