@@ -278,25 +278,42 @@ def _run_robustness(args: argparse.Namespace) -> int:
 def _add_floor(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "floor",
-        help="the information limit: the severity MAE of an observer who knows everything but the noise",
+        help="the information limit: the severity MAE of an observer who knows everything but the noise, and the "
+             "response accuracy of one who knows the class the scan shows",
         description="For each subject of a split part, re-render its own anatomy (from cohort.json and its index) at "
         "candidate severities and take the one whose noise-free render best explains the scan under the generator's "
         "noise model (maximum likelihood) -> floor.json (severity_mae, bootstrap_95) and floor_predictions.csv. "
-        "Synthetic single-site cohorts only.",
+        "Also the response's limit (response_accuracy_limit, response_bootstrap_95): the class the scan shows, through "
+        "the covariates' rule on a cohort made with --covariates (a missing genotype leaves some subjects unknowable). "
+        "The severity needs a synthetic single-site cohort.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder made by generate (cohort.json)")
-    p.add_argument("--split", default="runs/train/split.json", help="a run's split.json")
+    p.add_argument("--split", default="runs/train/split.json",
+                   help="a run's split.json, or a cv output folder (each fold_K/split.json, written to its fold)")
     p.add_argument("--part", choices=("train", "validation", "test"), default="test", help="split part")
     p.add_argument("--output-dir", default=None, help="where to write (default: the split's folder)")
     p.add_argument("--workers", type=int, default=2, help="processes")
+    p.add_argument("--response-only", action="store_true",
+                   help="only the response's limit (no renders: seconds instead of minutes)")
     p.set_defaults(func=_run_floor)
 
 
 def _run_floor(args: argparse.Namespace) -> int:
     from monai_mtl.floor import information_limit
 
-    information_limit(args.dataset_dir, args.split, args.part, args.output_dir, args.workers)
+    split = Path(args.split)
+    if split.is_dir():  # a cv folder: the limit on each fold's part, beside the fold's own figures
+        splits = sorted(split.glob("fold_*/split.json"), key=lambda f: int(f.parent.name.split("_")[1]))
+        if not splits:
+            raise ValueError(f"{split}: no fold_K/split.json (a cv output folder, or give a run's split.json)")
+        if args.output_dir is not None:
+            raise ValueError("--output-dir goes with one split.json; a cv folder's limits are written to each fold")
+    else:
+        splits = [split]
+    for split_file in splits:
+        information_limit(args.dataset_dir, split_file, args.part, args.output_dir, args.workers,
+                          severity=not args.response_only)
     return 0
 
 

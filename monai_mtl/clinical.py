@@ -43,6 +43,24 @@ def observed_response(biological: int, genotype: str | None, prior_treatments: i
     return max(int(biological) - drop, 0)
 
 
+def most_likely_response(biological: int, genotype: str | None, prior_treatments: int,
+                         genotype_shares: dict[str, float] | None = None) -> int:
+    """The response an observer who knows the biological class, the covariates and the rule names.
+
+    Where the genotype is missing (not genotyped) the observer names the class that the most genotypes,
+    weighted by their shares in the population (``cohort.json``), give: no model can do better on
+    average, so these subjects set the response's information limit (:mod:`monai_mtl.floor`).
+    """
+    if genotype is not None:
+        return observed_response(biological, genotype, prior_treatments)
+    shares = genotype_shares if genotype_shares is not None else dict(zip(GENOTYPES, GENOTYPE_PROPORTIONS))
+    votes: dict[int, float] = {}
+    for candidate, share in shares.items():
+        response = observed_response(biological, candidate, prior_treatments)
+        votes[response] = votes.get(response, 0.0) + float(share)
+    return max(sorted(votes), key=votes.__getitem__)
+
+
 def draw_covariates(seed: int, index: int, severity: float) -> tuple[dict, str]:
     """Subject ``index``'s covariates (``None`` where missing) and its true genotype, from its own stream.
 
@@ -83,4 +101,4 @@ def covariate_facts(labels, biological: list[int]) -> dict:
     }
 
 
-__all__ = ["COVARIATE_COLUMNS", "GENOTYPES", "observed_response", "draw_covariates", "with_covariates", "covariate_facts"]
+__all__ = ["COVARIATE_COLUMNS", "GENOTYPES", "observed_response", "most_likely_response", "draw_covariates", "with_covariates", "covariate_facts"]

@@ -7,6 +7,10 @@ subject's index) at any severity. What it cannot know is the noise: each voxel i
 of ``noise_std``. The observer takes the severity, within the subject's class range, whose noise-free
 render makes the noisy image most likely under exactly that noise model (maximum likelihood): no
 model can beat its error on average, so its MAE is the floor of the severity task.
+
+The response has a limit too: the scan shows the subject's biological class, and on a cohort with
+clinical covariates (``generate --covariates``) the observed class follows from it by the generator's
+rule, except where the column the rule needs is missing (:func:`response_limit`).
 """
 
 from __future__ import annotations
@@ -90,21 +94,65 @@ def _subject_floor(args: tuple[dict, int, str]) -> tuple[int, float, float]:
     return index, subject.severity, estimate
 
 
+def response_limit(description: dict, labels: pd.DataFrame, subject_ids: list[str]) -> pd.DataFrame:
+    """Per subject: the observed ``true_response``, the class its scan shows (``scan_response``, the generator's
+    biological draw) and ``limit_response``, the class an observer who knows that, the covariates and the
+    generator's rule names (:func:`monai_mtl.clinical.most_likely_response`).
+
+    Without covariates the scan shows the response, so the limit is 100%; with them (``generate
+    --covariates``) it misses the ``ultrarapid`` metabolisers whose genotype is missing and whose class the
+    genotype moves: no scan and no column tells them from the others.
+
+    Raises:
+        CohortError: a ``response`` of ``labels.csv`` that the generator's draws and rule do not give (an edited cohort).
+    """
+    from monai_mtl.clinical import draw_covariates, most_likely_response, observed_response
+    from monai_mtl.synthetic import config_from_dict, draw_subject
+
+    config = config_from_dict(description["parameters"])
+    covariates = description.get("covariates")
+    rows = []
+    for subject_id in subject_ids:
+        row = labels.loc[subject_id]
+        index = int(str(subject_id).rsplit("-", 1)[1])
+        scan = draw_subject(config, index).response
+        limit = scan
+        expected = scan
+        if covariates:
+            genotype = row["genotype"] if isinstance(row["genotype"], str) and row["genotype"] else None
+            prior = int(row["prior_treatments"])
+            limit = most_likely_response(scan, genotype, prior, covariates.get("genotypes"))
+            _, true_genotype = draw_covariates(config.seed, index, float(row["severity"]))
+            expected = observed_response(scan, true_genotype, prior)
+        if int(row["response"]) != expected:
+            raise CohortError(f"{subject_id}: labels.csv says response {int(row['response'])}, the generator's draws "
+                              f"and rule give {expected} (edited cohort?)")
+        rows.append({"subject_id": subject_id, "true_response": int(row["response"]), "scan_response": scan,
+                     "limit_response": limit})
+    return pd.DataFrame(rows, columns=["subject_id", "true_response", "scan_response", "limit_response"])
+
+
 def information_limit(
     dataset_dir: str | os.PathLike,
     split_file: str | os.PathLike,
     part: str = "test",
     output_dir: str | os.PathLike | None = None,
     workers: int = 2,
+    severity: bool = True,
 ) -> dict:
-    """The floor's severity MAE on one part of a split of a synthetic single-site cohort; writes ``floor.json``.
+    """The floor's severity MAE and the response's accuracy limit on one part of a split of a synthetic cohort;
+    writes ``floor.json``.
 
-    Also writes ``floor_predictions.csv`` (``subject_id``, ``true_severity``, ``floor_severity``) to
-    ``output_dir`` (default: the split file's folder, i.e. the run's).
+    ``severity_mae`` (with ``bootstrap_95``): the maximum-likelihood observer's error (single-site cohorts;
+    ``severity=False`` skips it, the renders being the slow part). ``response_accuracy_limit`` (with
+    ``response_bootstrap_95``): the accuracy of :func:`response_limit`'s observer. Also writes
+    ``floor_predictions.csv`` (``subject_id``, the response columns, then ``true_severity``, ``floor_severity``)
+    to ``output_dir`` (default: the split file's folder, i.e. the run's).
 
     Raises:
-        CohortError: no ``cohort.json`` (not a generated cohort), a multi-site cohort (its acquisition
-            chain is not in the noise model), or split subjects the cohort does not have.
+        CohortError: no ``cohort.json`` (not a generated cohort), a multi-site cohort for the severity (its
+            acquisition chain is not in the noise model), split subjects the cohort does not have, or labels the
+            generator does not give.
     """
     from monai_mtl.cohort import read_cohort
     from monai_mtl.evaluation import bootstrap_intervals
@@ -116,8 +164,9 @@ def information_limit(
     if not description_file.is_file():
         raise CohortError(f"{dataset_dir}: no {COHORT_JSON}; the information limit needs a cohort made by 'generate'")
     description = json.loads(description_file.read_text())
-    if len(description.get("sites", [])) > 1:
-        raise CohortError(f"{dataset_dir} is a multi-site cohort: its acquisition chain is not in the floor's noise model")
+    if severity and len(description.get("sites", [])) > 1:
+        raise CohortError(f"{dataset_dir} is a multi-site cohort: its acquisition chain is not in the floor's noise model "
+                          "(--response-only gives the response's limit)")
     split = json.loads(split_file.read_text())
     if part not in split:
         raise CohortError(f"{split_file} has no part {part!r} (parts: {[k for k in split if isinstance(split[k], list)]})")
@@ -125,37 +174,49 @@ def information_limit(
     missing = sorted(set(split[part]) - set(labels.index))[:3]
     if missing:
         raise CohortError(f"{split_file} names subjects that {dataset_dir} does not have, e.g. {missing}")
-    parameters = description["parameters"]
-    jobs = [(parameters, int(str(s).rsplit("-", 1)[1]), labels.loc[s, "image"]) for s in split[part]]
-    from tqdm.auto import tqdm
+    subject_ids = list(split[part])
+    table = response_limit(description, labels, subject_ids)
+    correct = table.assign(true_severity=0.0, pred_severity=0.0, pred_response=table["limit_response"])
+    result: dict = {
+        "response_accuracy_limit": float((table["limit_response"] == table["true_response"]).mean()),
+        "response_bootstrap_95": bootstrap_intervals(correct)["accuracy"],
+    }
+    if severity:
+        parameters = description["parameters"]
+        jobs = [(parameters, int(str(s).rsplit("-", 1)[1]), labels.loc[s, "image"]) for s in subject_ids]
+        from tqdm.auto import tqdm
 
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(_subject_floor, jobs, chunksize=4), total=len(jobs), desc="floor"))
-    table = pd.DataFrame({
-        "subject_id": list(split[part]),
-        "true_severity": [r[1] for r in results],
-        "floor_severity": [r[2] for r in results],
-    })
-    csv_severity = labels.loc[table["subject_id"], "severity"].to_numpy()
-    if not np.allclose(csv_severity, table["true_severity"], atol=1e-6):
-        raise CohortError(f"{dataset_dir}: labels.csv severities differ from what cohort.json regenerates (edited cohort?)")
-    errors = (table["floor_severity"] - table["true_severity"]).abs()
-    interval = bootstrap_intervals(table.assign(true_response=0, pred_response=0, pred_severity=table["floor_severity"]))
-    result = {
-        "severity_mae": float(errors.mean()),
-        "bootstrap_95": interval["severity_mae"],
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = list(tqdm(pool.map(_subject_floor, jobs, chunksize=4), total=len(jobs), desc="floor"))
+        table["true_severity"] = [r[1] for r in results]
+        table["floor_severity"] = [r[2] for r in results]
+        csv_severity = labels.loc[table["subject_id"], "severity"].to_numpy()
+        if not np.allclose(csv_severity, table["true_severity"], atol=1e-6):
+            raise CohortError(f"{dataset_dir}: labels.csv severities differ from what cohort.json regenerates (edited cohort?)")
+        errors = (table["floor_severity"] - table["true_severity"]).abs()
+        interval = bootstrap_intervals(table.assign(pred_response=table["true_response"], pred_severity=table["floor_severity"]))
+        result.update({
+            "severity_mae": float(errors.mean()),
+            "bootstrap_95": interval["severity_mae"],
+            "noise_model": {"noise_std": parameters["noise_std"], "intensity_shift": parameters["intensity_shift"]},
+        })
+    result.update({
         "n": int(len(table)),
         "part": part,
         "split": str(split_file.absolute()),
         "dataset_dir": str(dataset_dir.absolute()),
-        "noise_model": {"noise_std": parameters["noise_std"], "intensity_shift": parameters["intensity_shift"]},
-        "method": "maximum likelihood over the subject's class range, its own anatomy re-rendered (monai_mtl.floor)",
-    }
+        "method": ("response: the class the scan shows (the generator's draw) through the covariates' rule, the most "
+                   "likely class where a covariate is missing"
+                   + ("; severity: maximum likelihood over the subject's class range, its own anatomy re-rendered"
+                      if severity else "") + " (monai_mtl.floor)"),
+    })
     out = Path(output_dir) if output_dir is not None else split_file.parent
     atomic_write_csv(out / "floor_predictions.csv", table)
     atomic_write_json(out / "floor.json", result)
-    logger.info("information limit on the %s part: severity MAE %.3f %s (n=%d) -> %s", part, result["severity_mae"],
-                [round(v, 3) for v in result["bootstrap_95"]], result["n"], out / "floor.json")
+    logger.info("information limit on the %s part (n=%d): response accuracy %.4f%s -> %s", part, result["n"],
+                result["response_accuracy_limit"],
+                f", severity MAE {result['severity_mae']:.3f} {[round(v, 3) for v in result['bootstrap_95']]}"
+                if severity else "", out / "floor.json")
     return result
 
 
@@ -175,4 +236,4 @@ def cramer_rao_mae(render: Callable[[float], np.ndarray], severity: float, noise
     return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
 
 
-__all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "information_limit", "cramer_rao_mae"]
+__all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit", "cramer_rao_mae"]

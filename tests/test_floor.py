@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
+from monai_mtl.__main__ import main
+from monai_mtl.clinical import most_likely_response
 from monai_mtl.errors import CohortError
 from monai_mtl.floor import cramer_rao_mae, estimate_severity, information_limit, log_likelihood
 from monai_mtl.synthetic import CohortConfig, generate_cohort, render_subject, severity_renderer
@@ -60,7 +63,9 @@ def test_floor_command_writes_its_json_and_refuses_other_cohorts(tmp_path):
     assert result["bootstrap_95"][0] <= result["severity_mae"] <= result["bootstrap_95"][1]
     written = json.loads((tmp_path / "run" / "floor.json").read_text())
     assert written["severity_mae"] == pytest.approx(result["severity_mae"]) and written["part"] == "test"
-    assert (tmp_path / "run" / "floor_predictions.csv").read_text().startswith("subject_id,true_severity,floor_severity")
+    assert written["response_accuracy_limit"] == 1.0  # without covariates the scan shows the response
+    assert (tmp_path / "run" / "floor_predictions.csv").read_text().startswith(
+        "subject_id,true_response,scan_response,limit_response,true_severity,floor_severity")
 
     (cohort / "cohort.json").unlink()
     with pytest.raises(CohortError, match="no cohort.json"):
@@ -69,3 +74,39 @@ def test_floor_command_writes_its_json_and_refuses_other_cohorts(tmp_path):
     generate_cohort(sites, CohortConfig(num_samples=6, seed=3), workers=1, progress=False, sites=2)
     with pytest.raises(CohortError, match="multi-site"):
         information_limit(sites, split, workers=1)
+
+
+def test_the_response_observer_applies_the_rule_and_guesses_the_commonest_genotype_where_it_is_missing():
+    assert most_likely_response(2, "ultrarapid", 3) == 0 and most_likely_response(2, "poor", 0) == 2
+    assert most_likely_response(1, "normal", 4) == 0
+    # not genotyped: 85% of genotypes leave the class, so the observer keeps it ...
+    assert most_likely_response(2, None, 0) == 2 and most_likely_response(2, None, 3) == 1
+    # ... unless ultrarapid metabolisers were the majority of the population
+    assert most_likely_response(2, None, 0, {"normal": 0.4, "ultrarapid": 0.6}) == 1
+
+
+def test_response_limit_misses_exactly_the_subjects_a_missing_genotype_hides(tmp_path):
+    cohort = tmp_path / "cohort"
+    labels = generate_cohort(cohort, CohortConfig(num_samples=16, seed=21), workers=1, progress=False, covariates=True)
+    ids = list(labels["subject_id"])
+    for fold, test in enumerate((ids[:8], ids[8:])):  # a cv folder: the limit goes to each fold
+        (tmp_path / "cv" / f"fold_{fold}").mkdir(parents=True)
+        (tmp_path / "cv" / f"fold_{fold}" / "split.json").write_text(json.dumps({"train": [], "validation": [], "test": test}))
+    assert main(["floor", "--dataset-dir", str(cohort), "--split", str(tmp_path / "cv"), "--response-only"]) == 0
+
+    results = [json.loads((tmp_path / "cv" / f"fold_{k}" / "floor.json").read_text()) for k in (0, 1)]
+    assert results[0]["response_accuracy_limit"] == 1.0 and "severity_mae" not in results[0]
+    # subject 13 (seed 21) is an ultrarapid metaboliser without a genotype whose class the genotype moved
+    # (draw_covariates's true genotype): the only subject no observer can get right
+    assert results[1]["response_accuracy_limit"] == pytest.approx(7 / 8)
+    assert results[1]["response_bootstrap_95"][0] < 7 / 8 <= results[1]["response_bootstrap_95"][1]
+    table = pd.concat(pd.read_csv(tmp_path / "cv" / f"fold_{k}" / "floor_predictions.csv") for k in (0, 1))
+    assert table.loc[table["limit_response"] != table["true_response"], "subject_id"].tolist() == ["sub-00013"]
+    assert (table["scan_response"] != table["true_response"]).sum() > 1  # the rule moved others, and the observer follows it
+    assert pd.isna(labels.set_index("subject_id").loc["sub-00013", "genotype"])
+
+    edited = labels.copy()
+    edited.loc[edited["subject_id"] == "sub-00002", "response"] = (edited.loc[edited["subject_id"] == "sub-00002", "response"] + 1) % 3
+    edited.to_csv(cohort / "labels.csv", index=False)
+    with pytest.raises(CohortError, match="sub-00002: labels.csv says response"):
+        information_limit(cohort, tmp_path / "cv" / "fold_0" / "split.json", severity=False)

@@ -141,3 +141,11 @@ def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_pa
     pd.DataFrame({"fold": [0, 1], "n": [2, 2], "accuracy": [0.7, 0.8], "severity_mae": [3.0, 3.0]}).to_csv(
         classical / "cv_folds.csv", index=False)
     assert "| imaging only, scikit-learn on atlas regions |" in cv_comparison_table(tmp_path, MULTIMODAL_REFERENCE, MULTIMODAL_COMPARISONS)
+    assert "information limit" not in table  # floor not run on the folds
+
+    # `floor --split runs/cv_multimodal --response-only` writes each fold's limit: a row, the fused model's gap to it
+    for i, limit in enumerate((1.0, 0.99)):
+        (runs / "cv_multimodal" / f"fold_{i}" / "floor.json").write_text(json.dumps({"response_accuracy_limit": limit}))
+    limit_row = cv_comparison_table(tmp_path, MULTIMODAL_REFERENCE, MULTIMODAL_COMPARISONS).splitlines()[-1]
+    assert limit_row.startswith("| information limit") and "--split runs/cv_multimodal --response-only" in limit_row
+    assert "--dataset-dir data/multimodal" in limit_row and "| 99.5% ± 0.7 | — | 0.0% ± 0.0 |" in limit_row
