@@ -9,6 +9,7 @@ voxel size or orientation of the scans it is given.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,9 +22,11 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    NormalizeIntensity,
     NormalizeIntensityd,
     Orientationd,
     ResizeWithPadOrCropd,
+    ScaleIntensity,
     ScaleIntensityd,
     Spacingd,
 )
@@ -85,9 +88,37 @@ class Preprocessing:
     def from_dict(cls, values: Mapping) -> Preprocessing:
         return cls(**dict(values))
 
+    def normalization(self, keys: KeysCollection | None = None) -> list:
+        """The intensity normalisation, MONAI's: dictionary transforms on ``keys``, or array transforms (``None``)."""
+        if keys is None:
+            chain = [NormalizeIntensity()]
+            return chain + [ScaleIntensity(minv=0.0, maxv=1.0)] if self.intensity == "zscore_minmax" else chain
+        chain = [NormalizeIntensityd(keys=keys)]
+        return chain + [ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0)] if self.intensity == "zscore_minmax" else chain
+
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalization` of each volume of a ``(B, C, ...)`` batch, vectorised.
+
+        MONAI's formulas (``NormalizeIntensity``: the volume's mean and population std, a zero std taken as 1;
+        ``ScaleIntensity``: min-max to [0, 1], a constant volume to 0) on the whole batch at once: its
+        transforms applied volume by volume took 2.7 ms each. ``tests/test_augmentation.py`` checks that the
+        result is the loader chain's.
+        """
+        flat = images.flatten(1).float()
+        shape = (-1,) + (1,) * (images.ndim - 1)
+        variance, mean = torch.var_mean(flat, dim=1, unbiased=False)
+        std = variance.sqrt()
+        out = (images - mean.view(shape)) / torch.where(std == 0, torch.ones_like(std), std).view(shape)
+        if self.intensity == "zscore_minmax":
+            low, high = out.flatten(1).min(dim=1).values.view(shape), out.flatten(1).max(dim=1).values.view(shape)
+            spread = high - low
+            out = torch.where(spread == 0, torch.zeros_like(out), (out - low) / torch.where(spread == 0, torch.ones_like(spread), spread))
+        return out.to(images.dtype)
+
     def transforms(
         self, keys: KeysCollection = "image", check: bool = False, track_meta: bool = False,
         augmentation: Sequence = (), acquisition: Sequence = (), severity_key: str | None = None,
+        normalize: bool = True,
     ) -> list:
         """The MONAI transform chain: load, (check,) float32, orient, resample, crop/pad, (augment,) normalise.
 
@@ -101,6 +132,8 @@ class Preprocessing:
             acquisition: transforms applied to the scan as loaded, in its own grid, before
                 resampling (e.g. :class:`monai_mtl.robustness.ArtifactScand` to simulate another scanner).
             severity_key: also scale this target to [0, 1] (:class:`ScaleSeverityd`), for labelled data.
+            normalize: end with the intensity normalisation; ``False`` when the training step
+                normalises the batch after augmenting it (:class:`TrainingAugmentation`).
         """
         chain = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
         if check:
@@ -112,10 +145,8 @@ class Preprocessing:
             Spacingd(keys=keys, pixdim=self.pixdim, mode="bilinear", padding_mode="zeros"),
             ResizeWithPadOrCropd(keys=keys, spatial_size=self.spatial_size),
             *augmentation,
-            NormalizeIntensityd(keys=keys),
+            *(self.normalization(keys) if normalize else ()),
         ]
-        if self.intensity == "zscore_minmax":
-            chain.append(ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0))
         chain.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=track_meta))
         if severity_key is not None:
             chain.append(ScaleSeverityd(keys=severity_key))
@@ -123,17 +154,20 @@ class Preprocessing:
 
 
 #: ``paper``: the paper's noise + intensity shift only (on the batch, :class:`BatchIntensityAugmentation`);
-#: ``robust``: also MONAI's scanner-artifact transforms per volume (:func:`augmentation_transforms`).
+#: ``robust``: also the scanner artifacts of MONAI's transforms (:func:`augmentation_transforms`), drawn per
+#: volume and computed on the batch (:class:`BatchScannerAugmentation`); see :class:`TrainingAugmentation`.
 AUGMENTATION_PRESETS = ("paper", "robust")
 
 
 def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image") -> list:
-    """Per-volume random transforms of an augmentation preset, applied on the resampled grid before normalisation.
+    """MONAI's per-volume random transforms of an augmentation preset, for the resampled grid before normalisation.
 
     ``robust`` draws, each with its own probability, what differs between scanners and sites: a smooth
     multiplicative bias field, a contrast (gamma) change, Gibbs ringing, Rician noise, a blur or a
     simulated lower resolution, and a small affine (rotation 3 degrees, scale 3%, shift 2 voxels).
-    They run in the data loader on every epoch (about 5 ms a volume on one CPU core; see ``benchmarks/run.py``).
+    Training computes the same draws on the batch (:class:`BatchScannerAugmentation`, checked against
+    these); per volume in the data loader they took about 8 ms a volume on one CPU core
+    (``python benchmarks/run.py --only augmentation`` compares the two).
     ``paper`` adds nothing here: its noise and intensity shift are drawn on the batch.
 
     Example:
@@ -167,6 +201,240 @@ def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image
             mode="bilinear", padding_mode="zeros", prob=0.15,  # the costliest (about 10 ms a volume on a CPU core)
         ),
     ]
+
+
+def _legendre_basis(shape: Sequence[int], degree: int) -> torch.Tensor:
+    """``(terms, *shape)``: products ``P_i(x) P_j(y) P_k(z)`` with ``i + j + k <= degree`` on ``linspace(-1, 1)`` axes.
+
+    The terms of MONAI's ``RandBiasField`` field (its ``_generate_random_field`` builds the same set, in the
+    same order, through ``numpy.polynomial.legendre.leggrid3d``).
+    """
+    from numpy.polynomial import legendre
+
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    values = [[legendre.legval(axis, np.eye(degree + 1)[order]) for order in range(degree + 1)] for axis in axes]
+    terms = [np.einsum("i,j,k->ijk", values[0][i], values[1][j], values[2][k])
+             for i in range(degree + 1) for j in range(degree + 1 - i) for k in range(degree + 1 - i - j)]
+    return torch.as_tensor(np.stack(terms), dtype=torch.float32)
+
+
+class BatchScannerAugmentation:
+    """The ``robust`` preset's scanner artifacts, drawn per volume but computed on the whole batch at once.
+
+    The same draws, probabilities and formulas as MONAI's per-volume transforms listed by
+    :func:`augmentation_transforms` (``RandBiasField``, ``RandAdjustContrast``, ``RandGibbsNoise``,
+    ``RandRicianNoise``, ``RandGaussianSmooth``, ``RandSimulateLowResolution``, ``RandAffine``, in that
+    order), applied to the collated ``(B, 1, X, Y, Z)`` batch before intensity normalisation. MONAI's run
+    per volume in the single data-loader process, where they took about 8 ms a volume and, on 2 CPU
+    cores, most of a training epoch; on the batch the bias field is one matrix product over a cached
+    polynomial basis, Gibbs ringing one batched FFT, the affine one ``grid_sample``. The affine
+    matrices are MONAI's own (``create_rotate`` / ``create_translate`` / ``create_scale``), and the
+    blur its kernels (``gaussian_1d``) in one grouped convolution; ``tests/test_augmentation.py`` checks each artifact against MONAI's
+    transform at the same parameters. Random numbers come from torch's global generator, like
+    :class:`BatchIntensityAugmentation`'s.
+    """
+
+    def __init__(
+        self,
+        bias_prob: float = 0.3, bias_degree: int = 3, bias_coeff: tuple[float, float] = (0.0, 0.1),
+        contrast_prob: float = 0.3, gamma: tuple[float, float] = (0.8, 1.25),
+        gibbs_prob: float = 0.2, gibbs_alpha: tuple[float, float] = (0.0, 0.4),
+        rician_prob: float = 0.2, rician_std: float = 0.1,
+        smooth_prob: float = 0.2, sigma: Sequence[tuple[float, float]] = ((0.25, 0.8), (0.25, 0.8), (0.1, 0.4)),
+        low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9),
+        affine_prob: float = 0.15, rotate: float = np.pi / 60, scale: float = 0.03,
+        translate: tuple[float, float, float] = (2.0, 2.0, 1.0),
+    ) -> None:
+        self.bias_prob, self.bias_degree, self.bias_coeff = bias_prob, bias_degree, bias_coeff
+        self.contrast_prob, self.gamma = contrast_prob, gamma
+        self.gibbs_prob, self.gibbs_alpha = gibbs_prob, gibbs_alpha
+        self.rician_prob, self.rician_std = rician_prob, rician_std
+        self.smooth_prob, self.sigma = smooth_prob, tuple(sigma)
+        self.low_resolution_prob, self.zoom = low_resolution_prob, zoom
+        self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, tuple(translate)
+        self._basis: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _uniform(n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(n, device=like.device, dtype=like.dtype).uniform_(low, high)
+
+    @staticmethod
+    def _chosen(images: torch.Tensor, prob: float) -> torch.Tensor:
+        return torch.nonzero(torch.rand(images.shape[0]) < prob).flatten().to(images.device)
+
+    def bias_field(self, images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """``images * exp(field)``, ``field`` the Legendre basis weighted by ``coefficients`` ``(n, terms)``."""
+        key = (tuple(images.shape[2:]), self.bias_degree, images.device)
+        if key not in self._basis:
+            self._basis[key] = _legendre_basis(images.shape[2:], self.bias_degree).to(images.device)
+        basis = self._basis[key]
+        field = (coefficients.to(basis.dtype) @ basis.flatten(1)).view(-1, 1, *images.shape[2:])
+        return images * torch.exp(field).to(images.dtype)
+
+    @staticmethod
+    def contrast(images: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """MONAI ``AdjustContrast``: each volume min-max scaled, raised to its ``gamma``, scaled back."""
+        flat = images.flatten(1)
+        low = flat.min(dim=1).values.view(-1, *(1,) * (images.ndim - 1))
+        spread = flat.max(dim=1).values.view_as(low) - low
+        return ((images - low) / (spread + 1e-7)) ** gamma.view_as(low) * spread + low
+
+    @staticmethod
+    def gibbs(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """MONAI ``GibbsNoise``: k-space cut to a ball of radius ``(1 - alpha) * max(shape) / sqrt(2)`` voxels."""
+        shape = images.shape[2:]
+        dims = tuple(range(2, images.ndim))
+        centre = [(n - 1) / 2 for n in shape]
+        grids = torch.meshgrid(*(torch.arange(n, device=images.device, dtype=torch.float32) - c for n, c in zip(shape, centre)),
+                               indexing="ij")
+        distance = torch.sqrt(sum(g**2 for g in grids))
+        radius = (1 - alpha.float()) * max(shape) * np.sqrt(2) / 2.0
+        mask = distance[None, None] <= radius.view(-1, 1, *(1,) * len(shape))
+        k = torch.fft.fftshift(torch.fft.fftn(images, dim=dims), dim=dims) * mask
+        return torch.fft.ifftn(torch.fft.ifftshift(k, dim=dims), dim=dims).real.to(images.dtype)
+
+    @staticmethod
+    def rician(images: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """MONAI ``RicianNoise``: ``sqrt((x + n1)**2 + n2**2)``, ``n1``, ``n2`` Gaussian of each volume's ``std``."""
+        std = std.view(-1, *(1,) * (images.ndim - 1))
+        return torch.sqrt((images + torch.randn_like(images) * std) ** 2 + (torch.randn_like(images) * std) ** 2)
+
+    @staticmethod
+    def smooth(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """MONAI ``GaussianSmooth`` (``erf`` kernels truncated at 4 sigma, zero padding) of each volume by its
+        ``sigmas`` ``(n, 3)``: one grouped convolution per axis for the whole batch."""
+        from monai.networks.layers.convutils import gaussian_1d
+
+        n, channels = images.shape[:2]
+        out = images.reshape(1, n * channels, *images.shape[2:])
+        for axis in range(3):
+            kernels = [gaussian_1d(float(sigma), truncated=4.0, approx="erf") for sigma in sigmas[:, axis]]
+            half = max(len(k) for k in kernels) // 2
+            weight = torch.zeros(n, 2 * half + 1, dtype=out.dtype, device=out.device)
+            for i, kernel in enumerate(kernels):  # centred in the longest kernel's support
+                weight[i, half - len(kernel) // 2 : half + len(kernel) // 2 + 1] = kernel.to(out.dtype)
+            shape = [1, 1, 1]
+            shape[axis] = 2 * half + 1
+            padding = [0, 0, 0]
+            padding[axis] = half
+            weight = weight.repeat_interleave(channels, dim=0).view(n * channels, 1, *shape)
+            out = torch.nn.functional.conv3d(out, weight, padding=tuple(padding), groups=n * channels)
+        return out.view_as(images)
+
+    @staticmethod
+    def low_resolution(image: torch.Tensor, zoom: float) -> torch.Tensor:
+        """MONAI ``RandSimulateLowResolution`` of one ``(1, C, ...)`` volume: nearest down to ``zoom``, trilinear back up."""
+        shape = image.shape[2:]
+        small = torch.nn.functional.interpolate(image, size=tuple(max(1, int(np.round(s * zoom))) for s in shape),
+                                                mode="nearest")
+        return torch.nn.functional.interpolate(small, size=tuple(shape), mode="trilinear", align_corners=False)
+
+    @staticmethod
+    def affine(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+        """MONAI ``Affine`` (bilinear, zero padding) of each volume by its ``(4, 4)`` matrix in voxel units about the centre.
+
+        MONAI samples the input at ``matrix @ c`` for each output voxel ``c`` (centred voxel coordinates);
+        ``grid_sample`` takes the same points normalised to ``[-1, 1]`` (corner voxels' centres at +-1)
+        and its axes last-first, hence the scaling and the axis reversal of ``theta``.
+        """
+        shape = images.shape[2:]
+        half = torch.tensor([(n - 1) / 2 for n in shape], dtype=matrices.dtype, device=matrices.device)
+        linear = matrices[:, :3, :3] * half.view(1, 1, 3) / half.view(1, 3, 1)
+        shift = matrices[:, :3, 3] / half
+        theta = torch.cat([linear.flip(1).flip(2), shift.flip(1).unsqueeze(2)], dim=2).to(images.dtype)
+        # affine_grid's own points (align_corners=True), made once per grid: its generator cost 3x the sampling
+        base = _normalised_grid(tuple(shape), images.device, images.dtype)
+        grid = (base @ theta.transpose(1, 2).unsqueeze(1)).view(len(images), *shape, 3)
+        return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def affine_matrices(self, n: int) -> torch.Tensor:
+        """``(n, 4, 4)``: MONAI ``RandAffine``'s draws (rotation, translation in voxels, scale) and its matrix order."""
+        from monai.transforms.utils import create_rotate, create_scale, create_translate
+
+        matrices = []
+        for _ in range(n):
+            angles = (torch.rand(3) * 2 - 1) * self.rotate
+            shift = (torch.rand(3) * 2 - 1) * torch.tensor(self.translate)
+            factors = 1 + (torch.rand(3) * 2 - 1) * self.scale
+            matrix = torch.as_tensor(create_rotate(3, angles.tolist()), dtype=torch.float64)
+            matrix = matrix @ torch.as_tensor(create_translate(3, shift.tolist()), dtype=torch.float64)
+            matrices.append(matrix @ torch.as_tensor(create_scale(3, factors.tolist()), dtype=torch.float64))
+        return torch.stack(matrices).float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.clone()
+        chosen = self._chosen(images, self.bias_prob)
+        if len(chosen):
+            terms = _legendre_basis_size(self.bias_degree)
+            coefficients = torch.empty(len(chosen), terms).uniform_(*self.bias_coeff).to(images.device)
+            images[chosen] = self.bias_field(images[chosen], coefficients)
+        chosen = self._chosen(images, self.contrast_prob)
+        if len(chosen):
+            images[chosen] = self.contrast(images[chosen], self._uniform(len(chosen), *self.gamma, images))
+        chosen = self._chosen(images, self.gibbs_prob)
+        if len(chosen):
+            images[chosen] = self.gibbs(images[chosen], self._uniform(len(chosen), *self.gibbs_alpha, images))
+        chosen = self._chosen(images, self.rician_prob)
+        if len(chosen):
+            spread = images[chosen].flatten(1).std(dim=1)  # relative=True: a fraction of each volume's std
+            images[chosen] = self.rician(images[chosen], self._uniform(len(chosen), 0.0, self.rician_std, images) * spread)
+        chosen = self._chosen(images, self.smooth_prob)
+        if len(chosen):
+            sigmas = torch.stack([torch.empty(len(chosen)).uniform_(low, high) for low, high in self.sigma], dim=1)
+            images[chosen] = self.smooth(images[chosen], sigmas)
+        for i in self._chosen(images, self.low_resolution_prob).tolist():
+            images[i : i + 1] = self.low_resolution(images[i : i + 1], float(torch.empty(1).uniform_(*self.zoom)))
+        chosen = self._chosen(images, self.affine_prob)
+        if len(chosen):
+            images[chosen] = self.affine(images[chosen], self.affine_matrices(len(chosen)).to(images.device))
+        return images
+
+
+@functools.lru_cache(maxsize=8)
+def _normalised_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, voxels, 4)``: each voxel's ``(w, h, d, 1)`` in ``[-1, 1]`` (``affine_grid``'s, ``align_corners=True``)."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) for n in shape]
+    d, h, w = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([w, h, d, torch.ones_like(w)], dim=-1).view(1, -1, 4)
+
+
+def _legendre_basis_size(degree: int) -> int:
+    """How many terms of degree ``<= degree`` a 3-D polynomial has (MONAI's ``n_coeff``): ``C(degree + 3, 3)``."""
+    return (degree + 1) * (degree + 2) * (degree + 3) // 6
+
+
+class TrainingAugmentation:
+    """What the training step does to each image batch for an ``augmentation`` preset.
+
+    ``paper``: the paper's noise and intensity shift (:class:`BatchIntensityAugmentation`) on the batch the
+    data loader normalised. ``robust``: first the scanner artifacts (:class:`BatchScannerAugmentation`)
+    on the batch as resampled, then the preprocessing's intensity normalisation of each volume
+    (:meth:`Preprocessing.normalize_batch`, the same MONAI transforms as the loader's), then the same
+    noise and shift: the order of the per-volume chain, whose artifacts act before normalisation,
+    where a scanner makes them. :attr:`normalizes` tells the training chain to leave normalisation out.
+
+    Example:
+        >>> augment = TrainingAugmentation("robust", Preprocessing())
+        >>> augment.normalizes, TrainingAugmentation("paper", Preprocessing()).normalizes
+        (True, False)
+    """
+
+    def __init__(self, preset: str, preprocessing: Preprocessing, noise_std: float = 0.01, shift: float = 0.05) -> None:
+        if preset not in AUGMENTATION_PRESETS:
+            raise ConfigError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {preset!r}")
+        self.preset, self.preprocessing = preset, preprocessing
+        self.scanner = BatchScannerAugmentation() if preset == "robust" else None
+        self.intensity = BatchIntensityAugmentation(noise_std, shift)
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the batch arrives un-normalised (the training chain must then end before the normalisation)."""
+        return self.scanner is not None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scanner is not None:
+            images = self.preprocessing.normalize_batch(self.scanner(images))
+        return self.intensity(images)
 
 
 class ScaleSeverityd(MapTransform):

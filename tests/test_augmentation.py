@@ -1,0 +1,124 @@
+"""The batched scanner augmentation against MONAI's per-volume transforms at the same parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import AdjustContrast, Affine, GibbsNoise, RandBiasField, RandRicianNoise, RandSimulateLowResolution
+
+from monai_mtl.transforms import BatchScannerAugmentation
+
+SHAPE = (24, 20, 8)
+
+
+def _volumes(n: int = 3) -> torch.Tensor:
+    """Smooth positive volumes (a blurred random field plus a blob): resampling differences stay small and visible."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(n, 1, 6, 5, 2, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=SHAPE, mode="trilinear", align_corners=True)
+    return 0.2 + smooth
+
+
+def test_bias_field_is_monais_field():
+    images, augmentation = _volumes(), BatchScannerAugmentation()
+    coefficients = torch.rand(3, 20) * 0.1
+    out = augmentation.bias_field(images, coefficients)
+    for i in range(3):
+        field = RandBiasField(degree=3)._generate_random_field(SHAPE, 3, coefficients[i].tolist())
+        expected = images[i].numpy() * np.exp(field)
+        np.testing.assert_allclose(out[i].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_contrast_and_gibbs_are_monais():
+    images = _volumes()
+    gamma, alpha = torch.tensor([0.8, 1.0, 1.25]), torch.tensor([0.0, 0.2, 0.4])
+    contrast, gibbs = BatchScannerAugmentation.contrast(images, gamma), BatchScannerAugmentation.gibbs(images, alpha)
+    for i in range(3):
+        torch.testing.assert_close(contrast[i], torch.as_tensor(AdjustContrast(float(gamma[i]))(images[i])), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gibbs[i], torch.as_tensor(GibbsNoise(float(alpha[i]))(images[i])), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gibbs[0], images[0], rtol=1e-4, atol=1e-5)  # alpha 0 keeps all of k-space
+
+
+@pytest.mark.parametrize("zoom", [0.5, 0.7, 0.9])
+def test_low_resolution_is_monais(zoom):
+    image = _volumes(1)
+    monai = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom))
+    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(image, zoom)[0], torch.as_tensor(monai(image[0])))
+
+
+def test_affine_is_monais():
+    images, augmentation = _volumes(), BatchScannerAugmentation()
+    torch.manual_seed(1)
+    matrices = augmentation.affine_matrices(3)
+    out = augmentation.affine(images, matrices)
+    for i in range(3):
+        expected = Affine(affine=matrices[i], mode="bilinear", padding_mode="zeros", image_only=True)(images[i])
+        torch.testing.assert_close(out[i], torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
+    # the draws: angles within 3 degrees, scale within 3%, shift within (2, 2, 1) voxels
+    linear = matrices[:, :3, :3]
+    assert torch.all((torch.linalg.det(linear) - 1).abs() < 0.1) and torch.all(matrices[:, :3, 3].abs() <= 2.2)
+
+
+def test_rician_noise_matches_monais_in_distribution():
+    image = torch.full((1, 1, 40, 40, 20), 0.5)
+    torch.manual_seed(0)
+    ours = BatchScannerAugmentation.rician(image, torch.tensor([0.2]))
+    monai = torch.as_tensor(RandRicianNoise(prob=1.0, std=0.2, sample_std=False).set_random_state(0)(image[0]))
+    assert ours.min() >= 0
+    # the same Rice distribution (mean about 0.54, std about 0.19 here): means and stds within a few standard errors
+    assert abs(float(ours.mean()) - float(monai.mean())) < 0.01 and abs(float(ours.std()) - float(monai.std())) < 0.01
+
+
+def test_each_artifact_fires_at_its_probability_and_the_draws_follow_the_seed():
+    images = _volumes(4)
+    never = BatchScannerAugmentation(bias_prob=0, contrast_prob=0, gibbs_prob=0, rician_prob=0, smooth_prob=0,
+                                     low_resolution_prob=0, affine_prob=0)
+    torch.testing.assert_close(never(images), images)
+    always = BatchScannerAugmentation(bias_prob=1, contrast_prob=1, gibbs_prob=1, rician_prob=1, smooth_prob=1,
+                                      low_resolution_prob=1, affine_prob=1)
+    torch.manual_seed(3)
+    out = always(images)
+    assert out.shape == images.shape and torch.all((out - images).flatten(1).abs().amax(dim=1) > 1e-3)
+    assert len(out.flatten(1).unique(dim=0)) == 4  # each volume its own draws
+    torch.manual_seed(3)
+    torch.testing.assert_close(always(images), out)
+    # the default preset: about 1 - 0.7 * 0.7 * 0.8**4 * 0.85 = 83% of the volumes get at least one artifact
+    torch.manual_seed(0)
+    many = _volumes(1).repeat(400, 1, 1, 1, 1)
+    changed = ((BatchScannerAugmentation()(many) - many).flatten(1).abs().amax(dim=1) > 1e-6).float().mean()
+    assert 0.77 < float(changed) < 0.89
+
+
+@pytest.mark.parametrize("intensity", ["zscore", "zscore_minmax"])
+def test_training_normalises_after_the_artifacts_as_the_loader_chain_did(intensity):
+    from monai.transforms import Compose
+
+    from monai_mtl.transforms import Preprocessing, TrainingAugmentation
+
+    preprocessing = Preprocessing(spatial_size=SHAPE, intensity=intensity)
+    images = _volumes(3) * 700.0  # scanner units: the normalisation is not the identity
+    robust = TrainingAugmentation("robust", preprocessing, noise_std=0.0, shift=0.0)
+    robust.scanner = BatchScannerAugmentation(bias_prob=0, contrast_prob=0, gibbs_prob=0, rician_prob=0, smooth_prob=0,
+                                              low_resolution_prob=0, affine_prob=0)
+    loader = Compose(preprocessing.normalization("image"))  # what the per-volume chain ended with
+    for i, volume in enumerate(robust(images)):
+        torch.testing.assert_close(volume, torch.as_tensor(loader({"image": images[i]})["image"]))
+    paper = TrainingAugmentation("paper", preprocessing, noise_std=0.0, shift=0.0)
+    assert robust.normalizes and not paper.normalizes
+    torch.testing.assert_close(paper(images), images)  # the loader normalised already
+    chain = [type(t).__name__ for t in preprocessing.transforms(normalize=not robust.normalizes)]
+    assert "NormalizeIntensityd" not in chain and "NormalizeIntensityd" in [type(t).__name__ for t in preprocessing.transforms()]
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        TrainingAugmentation("heavy", preprocessing)
+
+
+def test_smoothing_is_monais_gaussian_filter_with_each_volumes_sigmas():
+    from monai.networks.layers import GaussianFilter
+
+    images = torch.rand(3, 1, *SHAPE)
+    sigmas = torch.tensor([[0.25, 0.8, 0.1], [0.8, 0.3, 0.4], [0.5, 0.5, 0.2]])
+    out = BatchScannerAugmentation.smooth(images, sigmas)
+    for i in range(3):
+        torch.testing.assert_close(out[i : i + 1], GaussianFilter(3, sigmas[i].tolist(), approx="erf")(images[i : i + 1]),
+                                   rtol=1e-5, atol=1e-6)
