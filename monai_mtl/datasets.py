@@ -92,7 +92,8 @@ def preprocessing_key(preprocessing: Preprocessing, transform: Callable | None =
     """A short hash of everything that shapes a cached tensor.
 
     The preprocessing settings, the package versions and the cached steps of ``transform`` (a training
-    chain caches before its augmentation, an evaluation chain after its intensity normalisation: two keys).
+    chain with the ``robust`` preset caches before its intensity normalisation, which the training step does
+    after augmenting the batch; an evaluation chain after it: two keys).
     """
     import monai
 
