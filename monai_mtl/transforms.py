@@ -262,12 +262,16 @@ class BatchScannerAugmentation:
     def _chosen(images: torch.Tensor, prob: float) -> torch.Tensor:
         return torch.nonzero(torch.rand(images.shape[0]) < prob).flatten().to(images.device)
 
-    def bias_field(self, images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-        """``images * exp(field)``, ``field`` the Legendre basis weighted by ``coefficients`` ``(n, terms)``."""
+    def bias_basis(self, images: torch.Tensor) -> torch.Tensor:
+        """``(terms, *grid)``: the bias field's polynomial basis on the batch's grid, made once per grid."""
         key = (tuple(images.shape[2:]), self.bias_degree, images.device)
         if key not in self._basis:
             self._basis[key] = _legendre_basis(images.shape[2:], self.bias_degree).to(images.device)
-        basis = self._basis[key]
+        return self._basis[key]
+
+    def bias_field(self, images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """``images * exp(field)``, ``field`` the Legendre basis weighted by ``coefficients`` ``(n, terms)``."""
+        basis = self.bias_basis(images)
         field = (coefficients.to(basis.dtype) @ basis.flatten(1)).view(-1, 1, *images.shape[2:])
         return images * torch.exp(field).to(images.dtype)
 
@@ -365,7 +369,7 @@ class BatchScannerAugmentation:
         images = images.clone()
         chosen = self._chosen(images, self.bias_prob)
         if len(chosen):
-            terms = _legendre_basis_size(self.bias_degree)
+            terms = self.bias_basis(images).shape[0]  # MONAI's n_coeff, C(degree + 3, 3)
             coefficients = torch.empty(len(chosen), terms).uniform_(*self.bias_coeff).to(images.device)
             images[chosen] = self.bias_field(images[chosen], coefficients)
         chosen = self._chosen(images, self.contrast_prob)
@@ -396,11 +400,6 @@ def _normalised_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.
     axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) for n in shape]
     d, h, w = torch.meshgrid(*axes, indexing="ij")
     return torch.stack([w, h, d, torch.ones_like(w)], dim=-1).view(1, -1, 4)
-
-
-def _legendre_basis_size(degree: int) -> int:
-    """How many terms of degree ``<= degree`` a 3-D polynomial has (MONAI's ``n_coeff``): ``C(degree + 3, 3)``."""
-    return (degree + 1) * (degree + 2) * (degree + 3) // 6
 
 
 class TrainingAugmentation:
