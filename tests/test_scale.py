@@ -89,9 +89,17 @@ def test_a_run_with_the_disk_cache_trains_and_fills_it(train_cohort, tmp_path):
     run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(output), max_epochs=1,
                batch_size=8, cache="disk", cache_dir=str(tmp_path / "cache"))
     split = json.loads((output / "split.json").read_text())
-    cached = sorted(Path(tmp_path / "cache").glob("*/*.pt"))
-    # the training chain's folder holds the training part; the evaluation chain's the validation and test parts
-    assert len(cached) == len(split["train"]) + len(split["validation"]) + len(split["test"])
+    folders = {tuple(json.loads((f / "preprocessing.json").read_text())["cached_steps"]): len(list(f.glob("*.pt")))
+               for f in Path(tmp_path / "cache").iterdir()}
+    # two chains, two folders: the training chain caches before the intensity normalisation (the training step
+    # normalises the augmented batch), the evaluation chain after it
+    assert len(folders) == 2 and sum("NormalizeIntensityd" in steps for steps in folders) == 1
+    evaluation = next(n for steps, n in folders.items() if "NormalizeIntensityd" in steps)
+    training = next(n for steps, n in folders.items() if "NormalizeIntensityd" not in steps)
+    assert evaluation == len(split["validation"]) + len(split["test"])
+    # the training part as far as one epoch's full batches and the precise-BN pass read it (drop_last: the
+    # shuffle decides which, up to three of the 43, are left unread)
+    assert len(split["train"]) // 8 * 8 <= training <= len(split["train"])
     assert json.loads((output / "test_metrics.json").read_text())["n"] == len(split["test"])
 
 

@@ -122,9 +122,15 @@ def test_the_ood_flag_fires_on_noise_and_not_on_the_cohort(trained_run, train_co
     table = ood_report(trained_run, train_cohort, tmp_path / "trust", per_kind=6, seed=0).set_index("kind")
     assert list(table.index) == ["in_distribution", "non_brain", "noise", "corrupted", "other_anatomy"]
     assert table.loc["noise", "auroc"] > 0.95 and table.loc["noise", "flagged"] == 1.0
-    assert table.loc["in_distribution", "flagged"] <= 0.25  # a 2-epoch model on 9 test scans; the README has the real run
     scores = pd.read_csv(tmp_path / "trust" / "ood_scores.csv")
     assert set(scores["kind"]) == set(table.index) and scores["ood_score"].notna().all()
+    # Not on the cohort: the test scans score where the validation scans do. Their flagged fraction is not a
+    # stable check here: the threshold is the 99% quantile of 8 validation scans (about their maximum), which
+    # exchangeable test scans exceed 1 time in 9 on average but, on 9 scans of a 2-epoch model whose scores
+    # differ by a few percent, from 0 to more than half of the time (the README has the real run's figure).
+    threshold = read_trust(trained_run / "model.pt").ood_threshold
+    cohort = scores.loc[scores["kind"] == "in_distribution", "ood_score"]
+    assert cohort.max() < 1.5 * threshold < scores.loc[scores["kind"] == "noise", "ood_score"].min()
 
 
 def test_inference_writes_the_trust_columns_and_they_are_documented(trained_run, train_cohort, tmp_path):
