@@ -22,11 +22,9 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
-    NormalizeIntensity,
     NormalizeIntensityd,
     Orientationd,
     ResizeWithPadOrCropd,
-    ScaleIntensity,
     ScaleIntensityd,
     Spacingd,
 )
@@ -88,11 +86,9 @@ class Preprocessing:
     def from_dict(cls, values: Mapping) -> Preprocessing:
         return cls(**dict(values))
 
-    def normalization(self, keys: KeysCollection | None = None) -> list:
-        """The intensity normalisation, MONAI's: dictionary transforms on ``keys``, or array transforms (``None``)."""
-        if keys is None:
-            chain = [NormalizeIntensity()]
-            return chain + [ScaleIntensity(minv=0.0, maxv=1.0)] if self.intensity == "zscore_minmax" else chain
+    def normalization(self, keys: KeysCollection = "image") -> list:
+        """The intensity normalisation: MONAI's transforms on ``keys`` (the data loader's; :meth:`normalize_batch`
+        computes the same on a batch)."""
         chain = [NormalizeIntensityd(keys=keys)]
         return chain + [ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0)] if self.intensity == "zscore_minmax" else chain
 
