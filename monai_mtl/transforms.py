@@ -199,7 +199,8 @@ def augmentation_transforms(preset: str = "paper", keys: KeysCollection = "image
     ]
 
 
-def _legendre_basis(shape: Sequence[int], degree: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def _legendre_basis(shape: tuple[int, ...], degree: int) -> torch.Tensor:
     """``(terms, *shape)``: products ``P_i(x) P_j(y) P_k(z)`` with ``i + j + k <= degree`` on ``linspace(-1, 1)`` axes.
 
     The terms of MONAI's ``RandBiasField`` field (its ``_generate_random_field`` builds the same set, in the
@@ -225,8 +226,8 @@ class BatchScannerAugmentation:
     cores, most of a training epoch; on the batch the bias field is one matrix product over a cached
     polynomial basis, Gibbs ringing one batched FFT, the affine one ``grid_sample``. The affine
     matrices are MONAI's own (``create_rotate`` / ``create_translate`` / ``create_scale``), and the
-    blur its kernels (``gaussian_1d``) in one grouped convolution; ``tests/test_augmentation.py`` checks each artifact against MONAI's
-    transform at the same parameters. Random numbers come from torch's global generator, like
+    blur its kernels (``gaussian_1d``) in one grouped convolution; ``tests/test_augmentation.py``
+    checks each artifact against MONAI's transform at the same parameters. Random numbers come from torch's global generator, like
     :class:`BatchIntensityAugmentation`'s.
     """
 
@@ -248,7 +249,6 @@ class BatchScannerAugmentation:
         self.smooth_prob, self.sigma = smooth_prob, tuple(sigma)
         self.low_resolution_prob, self.zoom = low_resolution_prob, zoom
         self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, tuple(translate)
-        self._basis: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def _uniform(n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
@@ -259,11 +259,8 @@ class BatchScannerAugmentation:
         return torch.nonzero(torch.rand(images.shape[0]) < prob).flatten().to(images.device)
 
     def bias_basis(self, images: torch.Tensor) -> torch.Tensor:
-        """``(terms, *grid)``: the bias field's polynomial basis on the batch's grid, made once per grid."""
-        key = (tuple(images.shape[2:]), self.bias_degree, images.device)
-        if key not in self._basis:
-            self._basis[key] = _legendre_basis(images.shape[2:], self.bias_degree).to(images.device)
-        return self._basis[key]
+        """``(terms, *grid)``: the bias field's polynomial basis on the batch's grid (made once per grid)."""
+        return _legendre_basis(tuple(images.shape[2:]), self.bias_degree).to(images.device)
 
     def bias_field(self, images: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
         """``images * exp(field)``, ``field`` the Legendre basis weighted by ``coefficients`` ``(n, terms)``."""
