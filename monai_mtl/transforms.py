@@ -24,9 +24,8 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    ResizeWithPadOrCropd,
     ScaleIntensityd,
-    Spacingd,
+    SpatialResample,
 )
 
 from monai_mtl.errors import ConfigError
@@ -37,13 +36,62 @@ from monai_mtl.images import check_stored_size, check_volume, not_3d_error
 INTENSITY_NORMALIZATIONS = ("zscore_minmax", "zscore")
 
 
+def field_of_view_affine(affine: np.ndarray | torch.Tensor, shape: Sequence[int], pixdim: Sequence[float],
+                         spatial_size: Sequence[int]) -> np.ndarray:
+    """The affine of a ``spatial_size`` grid of ``pixdim`` mm voxels centred on a scan's field of view.
+
+    The grid keeps the scan's axis directions (as MONAI's ``Spacing`` does) and puts its centre where the
+    scan's centre is: ``affine`` applied to ``(shape - 1) / 2``. For the synthetic cohort, whose grids share
+    a field of view, every grid then maps to the same voxel centres.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    pixdim, size = np.asarray(pixdim, dtype=np.float64), np.asarray(spatial_size, dtype=np.float64)
+    linear = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0) * pixdim
+    centre = affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2) + affine[:3, 3]
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = linear, centre - linear @ ((size - 1) / 2)
+    return out
+
+
+class ResampleToFieldOfViewd(MapTransform):
+    """Resample a scan, by its affine, onto the network's grid centred on the scan's field of view, in one step.
+
+    ``Spacingd`` followed by ``ResizeWithPadOrCropd`` does the same up to where the grid lands: ``Spacing``
+    keeps the first voxel's centre, so a scan whose voxels are larger or smaller than ``pixdim`` ends up shifted
+    by half the difference of the voxel sizes (on the cohort's field of view, 48 x 48 x 12 grids by 1.3 mm in z,
+    128 x 128 x 32 ones by 2 mm), and the array-centred crop adds up to half a voxel. This grid is
+    :func:`field_of_view_affine`; MONAI's ``SpatialResample`` (trilinear, zeros outside the scan) fills it, and
+    returns a scan already on it unchanged.
+
+    Args:
+        keys: image keys (channel-first ``MetaTensor``s, e.g. from ``LoadImaged``).
+        pixdim: voxel size of the grid in mm.
+        spatial_size: grid in voxels.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], spatial_size: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.pixdim, self.spatial_size = tuple(float(v) for v in pixdim), tuple(int(v) for v in spatial_size)
+        self.resample = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, MetaTensor):
+                raise TypeError(f"{key}: resampling to the field of view needs a MetaTensor with its affine, got {type(image).__name__}")
+            target = field_of_view_affine(image.affine, image.shape[1:], self.pixdim, self.spatial_size)
+            d[key] = self.resample(image, dst_affine=torch.as_tensor(target), spatial_size=self.spatial_size)
+        return d
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What the network sees: the scan reoriented, resampled to ``pixdim`` mm, cropped/padded to ``spatial_size``.
 
     The input is defined in physical space (a voxel size and a field of view of ``pixdim *
     spatial_size`` mm around the scan's centre), not by a voxel count, so the same anatomy scanned
-    on another grid reaches the network as nearly the same tensor. MONAI's ``Spacingd`` resamples
+    on another grid reaches the network as nearly the same tensor. :class:`ResampleToFieldOfViewd` resamples
     with trilinear interpolation and no anti-aliasing blur: the phantoms are point-sampled at their
     voxel centres, and a blur before downsampling moved finer grids further from the native tensor
     (0.050 vs 0.046 mean |difference| in z units at 128 x 128 x 32), so none is added.
@@ -138,8 +186,7 @@ class Preprocessing:
             EnsureTyped(keys=keys, dtype=torch.float32),
             *acquisition,
             Orientationd(keys=keys, axcodes=self.axcodes, labels=None),
-            Spacingd(keys=keys, pixdim=self.pixdim, mode="bilinear", padding_mode="zeros"),
-            ResizeWithPadOrCropd(keys=keys, spatial_size=self.spatial_size),
+            ResampleToFieldOfViewd(keys=keys, pixdim=self.pixdim, spatial_size=self.spatial_size),
             *augmentation,
             *(self.normalization(keys) if normalize else ()),
         ]
