@@ -28,13 +28,14 @@ import pandas as pd
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Spacing
+from monai.transforms import MapTransform
 
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_cohort, to_datalist
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock
+from monai_mtl.transforms import ResampleToFieldOfViewd
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ DEFAULT_GRIDS: tuple[tuple[int, int, int], ...] = ((80, 72, 24), (48, 48, 12), (
 class ArtifactScand(MapTransform):
     """Degrade a loaded, channel-first scan by one artifact at a fixed strength, in its own grid.
 
-    ``resolution`` resamples the scan to voxels ``strength`` times larger (MONAI ``Spacing``), which
-    the preprocessing then resamples to the model's grid, like a scan acquired at that resolution.
+    ``resolution`` resamples the scan to voxels ``strength`` times larger over the same field of view
+    (:class:`~monai_mtl.transforms.ResampleToFieldOfViewd`, the grid centred where the scan's is), which the
+    preprocessing then resamples to the model's grid, like a scan acquired at that resolution.
     Random artifacts (bias field, noise) draw from a generator seeded by ``seed`` and the file name,
     so a scan gets the same draw whatever the order or batch.
 
@@ -79,7 +81,8 @@ class ArtifactScand(MapTransform):
             image = d[key]
             if self.kind == "resolution":
                 pixdim = np.asarray(image.pixdim, dtype=float) * self.strength
-                d[key] = Spacing(pixdim=pixdim, mode="bilinear")(image)
+                shape = [max(1, int(round(n / self.strength))) for n in image.shape[1:]]
+                d[key] = ResampleToFieldOfViewd(key, pixdim, shape)(d)[key]
                 continue
             name = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
             rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])

@@ -19,7 +19,7 @@ from monai_mtl.checkpoints import CheckpointError, checkpoint_settings, read_run
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.robustness import regrid_subjects
 from monai_mtl.synthetic import CohortConfig, draw_sites, generate_cohort, render_subject
-from monai_mtl.transforms import Preprocessing, augmentation_transforms
+from monai_mtl.transforms import Preprocessing, ResampleToFieldOfViewd, augmentation_transforms, field_of_view_affine
 
 INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
 NATIVE = CohortConfig(num_samples=10, seed=1, noise_std=0.0, intensity_shift=0.0, warp_std_mm=0.0)
@@ -33,16 +33,38 @@ def _on_grid(shape: tuple[int, int, int], index: int) -> MetaTensor:
     return MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(grid.affine))
 
 
-@pytest.mark.parametrize("shape", [(80, 72, 24), (48, 48, 12), (128, 128, 32)])
-def test_the_same_phantom_on_another_grid_reaches_the_network_as_nearly_the_same_tensor(shape):
-    """Tolerance: mean |difference| below 0.07 z-units (measured 0.033 / 0.056 / 0.046); without resampling in mm
-    (the former ``Resized`` to a voxel count) the intensity scale moved enough to shift every severity by ~30."""
+@pytest.mark.parametrize("shape, tolerance", [((80, 72, 24), 0.025), ((48, 48, 12), 0.055), ((128, 128, 32), 0.02)])
+def test_the_same_phantom_on_another_grid_reaches_the_network_as_nearly_the_same_tensor(shape, tolerance):
+    """Tolerance: mean |difference| in z-units (measured at most 0.018 / 0.047 / 0.014: what trilinear
+    interpolation of point-sampled phantoms leaves). ``Spacingd`` + a centre crop, which shifted these grids by up to
+    2 mm, left 0.033 / 0.056 / 0.046; the former ``Resized`` to a voxel count moved the intensity scale enough to
+    shift every severity by ~30."""
     prep = Compose(Preprocessing().transforms()[2:])  # after LoadImaged and CheckImaged/EnsureTyped
     for index in range(3):
         native = prep({"image": _on_grid(NATIVE.shape, index)})["image"]
         other = prep({"image": _on_grid(shape, index)})["image"]
         assert other.shape == native.shape == (1, 64, 64, 16)
-        assert float((other - native).abs().mean()) < 0.07 * float(native.std())
+        assert float((other - native).abs().mean()) < tolerance * float(native.std())
+
+
+def test_the_network_grid_is_centred_on_the_scan_whatever_its_grid_or_axis_order():
+    """Grids with one field of view map to the same network grid; a scan already on it passes unchanged; a scan
+    stored left-right and front-back flipped (LPS) reaches the network as the same tensor."""
+    prep = Preprocessing()
+    native = _on_grid(NATIVE.shape, 0)
+    targets = [field_of_view_affine(_on_grid(shape, 0).affine, shape, prep.pixdim, prep.spatial_size)
+               for shape in [(64, 64, 16), (80, 72, 24), (48, 48, 12), (128, 128, 32)]]
+    for target in targets:
+        np.testing.assert_allclose(target, native.affine.numpy(), atol=1e-9)
+    resample = ResampleToFieldOfViewd("image", prep.pixdim, prep.spatial_size)
+    assert torch.equal(resample({"image": native})["image"].as_tensor(), native.as_tensor())
+
+    flipped_affine = native.affine.clone()
+    flipped_affine[:2, :2] *= -1  # x and y axes reversed: voxel (0, 0) is now the right-anterior corner
+    flipped_affine[:2, 3] = native.affine[:2, 3] + native.affine[:2, :2] @ torch.tensor([63.0, 63.0], dtype=torch.float64)
+    flipped = MetaTensor(native.as_tensor().flip(1, 2), affine=flipped_affine)
+    chain = Compose(prep.transforms()[2:])
+    assert torch.allclose(chain({"image": flipped})["image"], chain({"image": native})["image"], atol=1e-6)
 
 
 def test_checkpoint_stores_preprocessing_and_network(trained_run):
