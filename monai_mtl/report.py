@@ -54,7 +54,7 @@ class Row:
 DEFAULT_ROWS = (
     Row("**ours**: `DualPathNet` multi-task", "runs/train",
         "`python -m monai.bundle run training --config_file bundle/configs/train.json`"),
-    Row("ours with the paper's preprocessing and augmentation (`paper.json`)", "runs/paper_preset", PAPER_PRESET_COMMAND),
+    Row("ours with the paper's recipe (`paper.json`: its preprocessing, augmentation and MSE loss)", "runs/paper_preset", PAPER_PRESET_COMMAND),
     Row("single-task CNN, response only (same encoder)", "runs/baselines/single-task-response",
         "`python -m monai_mtl baseline --kind single-task-response`", ("response",)),
     Row("single-task CNN, severity only (same encoder)", "runs/baselines/single-task-severity",
