@@ -87,10 +87,10 @@ class ResampleToFieldOfViewd(MapTransform):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the network sees: the scan reoriented, resampled to ``pixdim`` mm, cropped/padded to ``spatial_size``.
+    """What the network sees: the scan reoriented and resampled onto ``spatial_size`` voxels of ``pixdim`` mm.
 
     The input is defined in physical space (a voxel size and a field of view of ``pixdim *
-    spatial_size`` mm around the scan's centre), not by a voxel count, so the same anatomy scanned
+    spatial_size`` mm centred on the scan's), not by a voxel count, so the same anatomy scanned
     on another grid reaches the network as nearly the same tensor. :class:`ResampleToFieldOfViewd` resamples
     with trilinear interpolation and no anti-aliasing blur: the phantoms are point-sampled at their
     voxel centres, and a blur before downsampling moved finer grids further from the native tensor

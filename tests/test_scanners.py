@@ -25,10 +25,15 @@ INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
 NATIVE = CohortConfig(num_samples=10, seed=1, noise_std=0.0, intensity_shift=0.0, warp_std_mm=0.0)
 
 
+def _grid(shape: tuple[int, int, int]) -> CohortConfig:
+    """NATIVE on ``shape`` with NATIVE's field of view."""
+    fov = np.asarray(NATIVE.shape) * np.asarray(NATIVE.spacing_mm)
+    return replace(NATIVE, shape=shape, spacing_mm=tuple(fov / np.asarray(shape)))
+
+
 def _on_grid(shape: tuple[int, int, int], index: int) -> MetaTensor:
     """Subject ``index`` of NATIVE rendered noise-free on ``shape`` with NATIVE's field of view, channel-first."""
-    fov = np.asarray(NATIVE.shape) * np.asarray(NATIVE.spacing_mm)
-    grid = replace(NATIVE, shape=shape, spacing_mm=tuple(fov / np.asarray(shape)))
+    grid = _grid(shape)
     _, image = render_subject(grid, index)
     return MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(grid.affine))
 
@@ -52,7 +57,7 @@ def test_the_network_grid_is_centred_on_the_scan_whatever_its_grid_or_axis_order
     stored left-right and front-back flipped (LPS) reaches the network as the same tensor."""
     prep = Preprocessing()
     native = _on_grid(NATIVE.shape, 0)
-    targets = [field_of_view_affine(_on_grid(shape, 0).affine, shape, prep.pixdim, prep.spatial_size)
+    targets = [field_of_view_affine(_grid(shape).affine, shape, prep.pixdim, prep.spatial_size)
                for shape in [(64, 64, 16), (80, 72, 24), (48, 48, 12), (128, 128, 32)]]
     for target in targets:
         np.testing.assert_allclose(target, native.affine.numpy(), atol=1e-9)
