@@ -276,6 +276,8 @@ class TrainingStateCheckpoint:
         early_stop: optional MONAI ``EarlyStopHandler`` (its ignite handler holds the counter).
         evaluator: optional validation evaluator (its best metric decides when the best model is saved).
         loss: optional loss module with state (learned task weights, their history): saved and restored too.
+        weight_average: optional ignite ``EMAHandler`` (:func:`monai_mtl.handlers.weight_average`): its
+            averaged weights are saved and restored too.
         resume: continue from ``path`` when it exists.
         save: write the state; ``None`` (default): on rank 0 of a distributed run only. Every rank
             attaches it and loads the state, so every rank resumes.
@@ -294,9 +296,10 @@ class TrainingStateCheckpoint:
         resume: bool = True,
         save: bool | None = None,
         loss: torch.nn.Module | None = None,
+        weight_average: Any = None,
     ) -> None:
         self.path = Path(path)
-        self.loss = loss
+        self.loss, self.weight_average = loss, weight_average
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.early_stop, self.evaluator = early_stop, evaluator
         self.resume, self.save = bool(resume), save
@@ -318,6 +321,7 @@ class TrainingStateCheckpoint:
             "finished": bool(engine.should_terminate),
             "model": module.state_dict(),
             "loss": self.loss.state_dict() if self.loss is not None else None,
+            "averaged_model": self.weight_average.ema_model.state_dict() if self.weight_average is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -349,6 +353,8 @@ class TrainingStateCheckpoint:
         getattr(self.network, "module", self.network).load_state_dict(state["model"])
         if self.loss is not None and state.get("loss") is not None:
             self.loss.load_state_dict(state["loss"])
+        if self.weight_average is not None and state.get("averaged_model") is not None:
+            self.weight_average.ema_model.load_state_dict(state["averaged_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -19,6 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
+from monai_mtl.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -200,16 +202,18 @@ class PreciseBatchNormHandler:
         num_batches: training batches to average over.
         interval: recalibrate every ``interval`` epochs (use the validation interval).
         data_loader: loader to draw batches from (default: the trainer's).
+        network: the network to recalibrate (default: the trainer's); the averaged weights of
+            :func:`weight_average` when validation uses them.
     """
 
-    def __init__(self, num_batches: int = 25, interval: int = 1, data_loader=None) -> None:
-        self.num_batches, self.interval, self.data_loader = num_batches, interval, data_loader
+    def __init__(self, num_batches: int = 25, interval: int = 1, data_loader=None, network: torch.nn.Module | None = None) -> None:
+        self.num_batches, self.interval, self.data_loader, self.network = num_batches, interval, data_loader, network
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
 
     def __call__(self, engine: Engine) -> None:
-        network = engine.network
+        network = self.network if self.network is not None else engine.network
         norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not norms or self.num_batches <= 0:
             return
@@ -231,6 +235,41 @@ class PreciseBatchNormHandler:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         network.train(was_training)
+
+
+def weight_average(network: torch.nn.Module, momentum: float):
+    """ignite's ``EMAHandler`` of ``network``'s weights, updated after every training iteration, or ``None``.
+
+    The average ``w_ema <- (1 - momentum) w_ema + momentum w`` spans about ``1 / momentum`` iterations.
+    Validation, the best-model checkpoint and so the saved model use the averaged weights
+    (:func:`validation_network`); the optimizer keeps stepping the network's own. Batch-norm
+    statistics are averaged like the weights (``handle_buffers="update"``) and, with
+    :class:`PreciseBatchNormHandler` given the averaged network, re-estimated for the averaged weights
+    before each validation, as SWA's ``update_bn`` does. ignite's default, ``"copy"``, would make the
+    average share the network's statistics tensors, so that re-estimating them for the average would
+    overwrite the network's.
+
+    Args:
+        network: the trained network (a ``DistributedDataParallel`` is unwrapped by ignite).
+        momentum: weight of the newest weights per iteration, in [0, 1); 0: no average (``None``).
+
+    Raises:
+        ConfigError: ``momentum`` outside [0, 1).
+    """
+    from ignite.handlers import EMAHandler
+
+    if not 0 <= float(momentum) < 1:
+        raise ConfigError(f"ema_momentum must be in [0, 1) (0: no weight average), got {momentum}")
+    if not momentum:
+        return None
+    # "update" still shares the integer num_batches_tracked (ignite copies what it cannot average); with a
+    # momentum set, as here, batch norm does not read it, so re-estimating the average's statistics changes nothing in training
+    return EMAHandler(network, momentum=float(momentum), handle_buffers="update")
+
+
+def validation_network(network: torch.nn.Module, average: Any = None) -> torch.nn.Module:
+    """The network validation, the best-model checkpoint and precise BN use: ``average``'s averaged copy, else ``network``."""
+    return network if average is None else average.ema_model
 
 
 def _average_across_ranks(norms: list[torch.nn.Module]) -> None:

@@ -56,6 +56,18 @@ LOGISTICS = frozenset({
 ADDED_SETTINGS = {
     "covariate_fusion": "concat",
     "network_def#covariate_fusion": "@covariate_fusion",
+    "ema_momentum": 0.0,
+    "weight_average": "$monai_mtl.handlers.weight_average(@network, @ema_momentum)",
+    "validation_network": "$monai_mtl.handlers.validation_network(@network, @weight_average)",
+    "train#named_handlers#weight_average": "@weight_average",
+    "train#named_handlers#precise_batch_norm#network": "@validation_network",
+    "train#named_handlers#training_state#weight_average": "@weight_average",
+}
+#: settings an earlier version stored with another value that did what the current one does: ``key: (stored,
+#: current)``; ``@validation_network`` is ``@network`` unless ``ema_momentum`` (itself compared) is set
+FORMER_SETTINGS = {
+    "validate#evaluator#network": ("@network", "@validation_network"),
+    "validate#named_handlers#best_model#network": ("@network", "@validation_network"),
 }
 #: keyword arguments of ``monai.bundle.run`` / ``create_workflow`` that are not config overrides
 _RUN_ARGUMENTS = frozenset({
@@ -259,9 +271,11 @@ def defining_settings(config: Mapping) -> dict[str, Any]:
 def differences(stored: Mapping, current: Mapping, limit: int = 6) -> list[str]:
     """``key: old -> new`` for each differing key (``(unset)`` where one side lacks it).
 
-    A key of :data:`ADDED_SETTINGS` that ``stored`` lacks and ``current`` has counts as stored with its value there.
+    A key of :data:`ADDED_SETTINGS` that ``stored`` lacks and ``current`` has counts as stored with its value there;
+    a value of :data:`FORMER_SETTINGS` counts as the value that replaced it.
     """
     stored = {**{k: v for k, v in ADDED_SETTINGS.items() if k in current}, **stored}
+    stored.update({k: new for k, (old, new) in FORMER_SETTINGS.items() if stored.get(k) == old and current.get(k) == new})
     keys = sorted(k for k in set(stored) | set(current) if stored.get(k, "(unset)") != current.get(k, "(unset)"))
     lines = [f"{k}: {json.dumps(stored.get(k, '(unset)'))} -> {json.dumps(current.get(k, '(unset)'))}" for k in keys[:limit]]
     if len(keys) > limit:
@@ -353,7 +367,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings",
 ]

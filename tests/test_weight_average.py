@@ -1,0 +1,78 @@
+"""The exponential moving average of the weights (``ema_momentum``): what is averaged, validated, saved and resumed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from conftest import TRAIN_CONFIG, run_bundle
+from monai_mtl.checkpoints import load_state_dict_file
+from monai_mtl.errors import ConfigError
+from monai_mtl.handlers import PreciseBatchNormHandler, validation_network, weight_average
+
+
+def test_no_momentum_means_no_average_and_the_network_itself_is_validated():
+    network = torch.nn.Linear(2, 1)
+    assert weight_average(network, 0.0) is None
+    assert validation_network(network, None) is network
+    with pytest.raises(ConfigError, match="ema_momentum must be in"):
+        weight_average(network, 1.0)
+
+
+def test_the_average_follows_the_weights_at_the_momentum():
+    network = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(network.weight)
+    average = weight_average(network, 0.25)
+
+    def step(engine, batch):  # the "optimizer": the weight becomes 1, 2, 3
+        with torch.no_grad():
+            network.weight += 1.0
+
+    engine = Engine(step)
+    average.attach(engine)
+    engine.run([0, 1, 2], max_epochs=1)
+    expected = 0.0
+    for weight in (1.0, 2.0, 3.0):
+        expected = 0.75 * expected + 0.25 * weight
+    assert validation_network(network, average) is average.ema_model
+    assert average.ema_model.weight.item() == pytest.approx(expected)  # 1.1875, not the network's 3
+    assert network.weight.item() == 3.0
+
+
+def test_precise_batch_norm_of_the_average_leaves_the_network_statistics_alone():
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    average = weight_average(network, 0.5)
+    batches = [torch.randn(4, 1, 2, 2, 2) + 3.0 for _ in range(3)]
+
+    def step(engine, batch):
+        network.train()
+        network(batch)
+
+    engine = Engine(step)
+    average.attach(engine)
+    engine.run(batches, max_epochs=1)
+    before = network[1].running_mean.clone()
+    engine.network, engine.data_loader, engine.non_blocking, engine.state.device = network, batches, False, "cpu"
+    engine.prepare_batch = lambda batch, device, non_blocking: (batch, None)
+    PreciseBatchNormHandler(num_batches=3, network=average.ema_model)(engine)
+    assert torch.equal(network[1].running_mean, before)  # ignite's default ("copy") would share and overwrite them
+    assert not torch.equal(average.ema_model[1].running_mean, before)
+
+
+@pytest.mark.slow
+def test_the_bundle_validates_and_saves_the_average_and_resumes_it(train_cohort, tmp_path):
+    settings = dict(dataset_dir=str(train_cohort), batch_size=8, cache_workers=1, ema_momentum=0.2)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_bundle("training", TRAIN_CONFIG, output_dir=str(resumed), max_epochs=1, **settings)
+    state = torch.load(resumed / "training_state.pt", weights_only=False)
+    saved = load_state_dict_file(resumed / "model.pt")  # the first validation is always the best so far
+    weights = [k for k in state["averaged_model"] if k.endswith("weight")]
+    assert all(torch.equal(saved[k], state["averaged_model"][k]) for k in weights)  # the average was saved
+    assert not any(torch.equal(saved[k], state["model"][k]) for k in weights)  # not the last weights
+
+    run_bundle("training", TRAIN_CONFIG, output_dir=str(resumed), max_epochs=2, **settings)  # continues at epoch 2
+    run_bundle("training", TRAIN_CONFIG, output_dir=str(whole), max_epochs=2, **settings)
+    state, resumed_state = (torch.load(d / "training_state.pt", weights_only=False) for d in (whole, resumed))
+    for key, value in state["averaged_model"].items():
+        assert torch.equal(value, resumed_state["averaged_model"][key]), key
