@@ -76,3 +76,15 @@ def test_the_bundle_validates_and_saves_the_average_and_resumes_it(train_cohort,
     state, resumed_state = (torch.load(d / "training_state.pt", weights_only=False) for d in (whole, resumed))
     for key, value in state["averaged_model"].items():
         assert torch.equal(value, resumed_state["averaged_model"][key]), key
+
+
+def test_a_run_stored_before_the_weight_average_resumes_without_a_difference():
+    from monai_mtl.run_folder import ADDED_SETTINGS, FORMER_SETTINGS, differences
+
+    current = {"ema_momentum": 0.0, "validate#evaluator#network": "@validation_network", "learning_rate": 0.0005,
+               **{k: v for k, v in ADDED_SETTINGS.items() if k != "ema_momentum"}}
+    stored = {"validate#evaluator#network": "@network", "learning_rate": 0.0005}  # what the earlier version wrote
+    assert "validate#evaluator#network" in FORMER_SETTINGS
+    assert differences(stored, current) == []
+    assert differences(stored, {**current, "ema_momentum": 0.01}) == ["ema_momentum: 0.0 -> 0.01"]
+    assert differences({**stored, "validate#evaluator#network": "@other"}, current)  # only the former value counts
