@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
@@ -36,7 +35,7 @@ def main() -> None:
         network = config.get_parsed_content("network")
         evaluator = config.get_parsed_content("calibrate#validation_evaluator")
         trainer = config.get_parsed_content("train#trainer")
-        trainer.state.device = torch.device("cpu")
+        trainer.state.device = config.get_parsed_content("device")  # the handler reads the trainer's device
 
         def validate(label: str) -> None:
             report = report_from_predictions(predict(evaluator))
