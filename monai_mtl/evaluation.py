@@ -17,8 +17,8 @@ from monai_mtl.handlers import is_rank_zero
 from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.metrics import prediction_report
 from monai_mtl.networks import network_config
-from monai_mtl.outputs import decode_output, prediction_table, split_output
-from monai_mtl.trust import FeatureRecorder, annotate, read_trust, trust_report
+from monai_mtl.outputs import prediction_table, split_output
+from monai_mtl.trust import FeatureRecorder, annotate, decode_calibrated, read_trust, trust_report
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,16 @@ class PredictionCollector:
         """The response logits before any temperature."""
         return split_output(torch.cat(self.outputs))[0]
 
+    def raw_severity(self) -> np.ndarray:
+        """The network's severities on the 0-100 scale, before any recalibration."""
+        return split_output(torch.cat(self.outputs))[1].numpy() * SEVERITY_SCALE
+
     def table(self) -> pd.DataFrame:
         """One row per subject: ids, true/predicted class (index and name), class probabilities, severities on 0-100.
 
         With trust settings: calibrated probabilities and :data:`~monai_mtl.trust.TRUST_COLUMNS`.
         """
-        temperature = self.trust.temperature if self.trust is not None else 1.0
-        probabilities, pred_severity = decode_output(torch.cat(self.outputs), temperature)
+        probabilities, pred_severity = decode_calibrated(torch.cat(self.outputs), self.trust)
         table = prediction_table(
             probabilities, pred_severity, {"subject_id": self.subject_ids},
             true_response=torch.cat(self.responses).numpy(),
@@ -255,7 +258,7 @@ def evaluate_checkpoint(
     metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}
     metrics["bootstrap_95"] = bootstrap_intervals(table, n_bootstrap, seed)
     if trust is not None:
-        metrics["trust"] = trust_report(table, collector.raw_logits(), trust)
+        metrics["trust"] = trust_report(table, collector.raw_logits(), trust, collector.raw_severity())
     output_dir = Path(output_dir)
     if figures:
         from monai_mtl.attribution import explain_covariates, training_mean

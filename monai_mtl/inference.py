@@ -30,8 +30,8 @@ from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.images import unreadable_error
 from monai_mtl.io import atomic_write_csv, atomic_write_nifti, nifti_image
-from monai_mtl.outputs import NUM_RESPONSE_CLASSES, PROBABILITY_COLUMNS, decode_output, prediction_table, split_output
-from monai_mtl.trust import TRUST_COLUMNS, FeatureRecorder, TrustSettings, annotate
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, PROBABILITY_COLUMNS, prediction_table, split_output
+from monai_mtl.trust import TRUST_COLUMNS, FeatureRecorder, TrustSettings, annotate, decode_calibrated
 
 logger = logging.getLogger(__name__)
 
@@ -355,8 +355,7 @@ class PredictionWriter:
         paths = list(image.meta["filename_or_obj"])
         indices = batch.get("input_index")
         indices = [int(i) for i in indices] if indices is not None else [None] * len(paths)
-        temperature = self.trust.temperature if self.trust is not None else 1.0
-        probabilities, pred_severity = decode_output(engine.state.output["pred"], temperature)
+        probabilities, pred_severity = decode_calibrated(engine.state.output["pred"], self.trust)
         table = prediction_table(probabilities, pred_severity, {"image": paths, "input_index": indices})
         features = self._recorder.last.numpy() if self._recorder is not None and self._recorder.last is not None else None
         table = annotate(table, features, self.trust)

@@ -62,6 +62,7 @@ ADDED_SETTINGS = {
     "train#named_handlers#weight_average": "@weight_average",
     "train#named_handlers#precise_batch_norm#network": "@validation_network",
     "train#named_handlers#training_state#weight_average": "@weight_average",
+    "severity_recalibration": "none",
 }
 #: settings an earlier version stored with another value that did what the current one does: ``key: (stored,
 #: current)``; ``@validation_network`` is ``@network`` unless ``ema_momentum`` (itself compared) is set
@@ -333,6 +334,25 @@ def check_run_settings(output_dir: str | os.PathLike, dataset_dir: str | os.Path
     return current
 
 
+def record_calibration_settings(output_dir: str | os.PathLike, **values: object) -> None:
+    """Record in a run folder's settings the calibration settings its checkpoint was calibrated with again.
+
+    Calibration (:func:`~monai_mtl.trust.calibrate_checkpoint`) runs after training and changes no weight,
+    so a finished run calibrated again (``run calibrating``) with, say, another ``severity_recalibration``
+    is the run a training with that setting would have made; its settings say so from then on, and
+    ``cv`` or a resume compares against them. A folder without settings (a bare checkpoint) is left alone.
+    """
+    settings_file = Path(output_dir) / SETTINGS_FILE
+    if not settings_file.is_file():
+        return
+    stored = json.loads(settings_file.read_text())
+    recorded = json.loads(json.dumps(values, default=str))
+    changed = {k: v for k, v in recorded.items() if stored.get("config", {}).get(k, ADDED_SETTINGS.get(k)) != v}
+    if changed:
+        logger.info("%s: calibration settings recorded: %s", settings_file, changed)
+        atomic_write_json(settings_file, {**stored, "config": {**stored.get("config", {}), **recorded}})
+
+
 def requested_settings(
     config_files: Sequence[str], dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
     overrides: Mapping[str, object] | None = None,
@@ -367,7 +387,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "current_bundle", "flatten", "check_overrides", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings",
 ]

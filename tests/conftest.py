@@ -38,6 +38,17 @@ def run_bundle(run_id: str, config_file, **overrides):
     return run(run_id, config_file=config_file, logging_file=False, **overrides)
 
 
+def raised_error(error_type, run, *args, **kwargs) -> BaseException:
+    """Run ``run(*args, **kwargs)`` and return the ``error_type`` in the raised chain (bundle expressions wrap errors)."""
+    with pytest.raises(Exception) as info:
+        run(*args, **kwargs)
+    error = info.value
+    while error is not None and not isinstance(error, error_type):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"no {error_type.__name__} in {info.value!r}"
+    return error
+
+
 @pytest.fixture(scope="session")
 def trained_run(train_cohort, tmp_path_factory):
     """A two-epoch training run on the 60-subject cohort; returns its output folder."""

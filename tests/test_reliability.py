@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TRAIN_CONFIG, run_bundle
+from conftest import TRAIN_CONFIG, raised_error, run_bundle
 from monai_mtl.checkpoints import LeakageError, atomic_torch_save, check_no_leakage, read_checkpoint_split
 from monai_mtl.engines import KILL_AT_ITERATION
 
@@ -26,17 +26,6 @@ def _train_command(cohort: Path, output: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG,
         "--dataset_dir", str(cohort), "--output_dir", str(output), *TRAIN_ARGS, *extra,
     ]
-
-
-def _raised(error_type, run, *args, **kwargs) -> BaseException:
-    """Run ``run(*args, **kwargs)`` and return the ``error_type`` in the raised chain (bundle expressions wrap errors)."""
-    with pytest.raises(Exception) as info:
-        run(*args, **kwargs)
-    error = info.value
-    while error is not None and not isinstance(error, error_type):
-        error = error.__cause__ or error.__context__
-    assert error is not None, f"no {error_type.__name__} in {info.value!r}"
-    return error
 
 
 def _saved_epoch(path: Path) -> int:
@@ -122,7 +111,7 @@ def test_evaluate_on_another_split_is_refused(trained_run, train_cohort, tmp_pat
     output = tmp_path / "other_split"
     output.mkdir()
     config = [TRAIN_CONFIG, str(Path(TRAIN_CONFIG).with_name("evaluate.json"))]
-    error = _raised(LeakageError, run_bundle, "evaluating", config, dataset_dir=str(train_cohort),
+    error = raised_error(LeakageError, run_bundle, "evaluating", config, dataset_dir=str(train_cohort),
                     output_dir=str(output), ckpt_path=str(trained_run / "model.pt"), seed=1)
     assert "were used to train or validate" in str(error) and "--allow_split_overlap True" in str(error)
     assert not (output / "metrics.json").exists() and not (output / "predictions.csv").exists()
@@ -150,7 +139,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_unwritable_output_dir_is_a_clear_error(train_cohort, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    error = _raised(OSError, run_bundle, "training", TRAIN_CONFIG, dataset_dir=str(train_cohort),
+    error = raised_error(OSError, run_bundle, "training", TRAIN_CONFIG, dataset_dir=str(train_cohort),
                     output_dir=str(blocker / "run"), max_epochs=1, batch_size=8, cache_workers=1)
     assert re.search(r"output_dir .*a_file/run is not writable: Not a directory", str(error))
 
@@ -167,7 +156,7 @@ def test_write_failure_midway_through_training_keeps_the_last_good_checkpoint(ru
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    error = _raised(OSError, run_bundle, "training", TRAIN_CONFIG, dataset_dir=str(train_cohort),
+    error = raised_error(OSError, run_bundle, "training", TRAIN_CONFIG, dataset_dir=str(train_cohort),
                     output_dir=str(run), max_epochs=3, batch_size=8, cache_workers=1)
     assert "could not write" in str(error) and "Input/output error" in str(error)
     assert (run / "model.pt").read_bytes() == model_before

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import BUNDLE_CONFIGS, run_bundle
+from conftest import BUNDLE_CONFIGS, raised_error, run_bundle
 from monai_mtl.trust import (
     TRUST_COLUMNS,
     calibrated_probabilities,
@@ -149,3 +149,110 @@ def test_inference_writes_the_trust_columns_and_they_are_documented(trained_run,
     trust_section = readme.split("## How far to trust a prediction", 1)[1].split("\n## ", 1)[0]
     for column in TRUST_COLUMNS:
         assert f"`{column}`" in trust_section, column
+
+
+# --- severity recalibration ----------------------------------------------------------------------------
+
+def _shrunk_severities(rng, n_per_class=60):
+    """True severities in each class's range and a network's shrunk estimate of them: ``pred = a_k true + b_k + noise``."""
+    from monai_mtl.synthetic import CohortConfig
+
+    ranges, shrink = CohortConfig().severity_ranges, [(0.7, 25.0), (0.85, 7.0), (0.8, 3.0)]
+    true = np.concatenate([rng.uniform(low, high, n_per_class) for low, high in ranges])
+    classes = np.repeat(np.arange(3), n_per_class)
+    slope, intercept = np.array(shrink).T
+    pred = slope[classes] * true + intercept[classes] + rng.normal(0, 0.5, len(true))
+    return true, pred, classes
+
+
+def test_per_class_recalibration_undoes_a_shrinkage_toward_each_class_mean():
+    from monai_mtl.trust import fit_severity_recalibration, recalibrate_severity
+
+    rng = np.random.default_rng(0)
+    true, pred, classes = _shrunk_severities(rng)
+    lines = fit_severity_recalibration(pred, classes, true, "per_class")
+    # the inverse of each class's distortion, true = (pred - b) / a, over the class's range
+    from monai_mtl.synthetic import CohortConfig
+
+    for (slope, intercept), (a, b), ends in zip(lines, [(0.7, 25.0), (0.85, 7.0), (0.8, 3.0)], CohortConfig().severity_ranges):
+        np.testing.assert_allclose(slope * (a * np.array(ends) + b) + intercept, ends, atol=0.5)
+    new_true, new_pred, new_classes = _shrunk_severities(rng)  # fitted on one draw, applied to another
+    before = np.abs(new_pred - new_true).mean()
+    after = np.abs(recalibrate_severity(new_pred, new_classes, lines) - new_true).mean()
+    assert before > 1.5 and after < 0.8  # the noise alone (sd 0.5, scaled by 1/a) leaves about 0.5
+    # one line for all cannot undo class-dependent offsets: better than nothing, worse than one per class
+    overall = recalibrate_severity(new_pred, new_classes, fit_severity_recalibration(pred, classes, true, "linear"))
+    assert after < np.abs(overall - new_true).mean() < before
+    assert fit_severity_recalibration(pred, classes, true, "none") is None
+    np.testing.assert_array_equal(recalibrate_severity(new_pred, new_classes, None), new_pred)
+
+
+def test_recalibration_falls_back_to_one_line_for_rare_classes_and_to_none_for_few_scans(caplog):
+    from monai_mtl.trust import MIN_RECALIBRATION_SCANS, fit_severity_recalibration, recalibrate_severity
+
+    caplog.set_level("INFO", logger="monai_mtl.trust")
+    true, pred, classes = _shrunk_severities(np.random.default_rng(1))
+    keep = (classes != 2) | (np.arange(len(classes)) % 60 < MIN_RECALIBRATION_SCANS - 1)  # class 2: too few scans
+    lines = fit_severity_recalibration(pred[keep], classes[keep], true[keep], "per_class")
+    assert lines[2] == fit_severity_recalibration(pred[keep], classes[keep], true[keep], "linear")[2] != lines[1]
+    assert "class 2 has 9 validation scans" in caplog.text
+    few = slice(0, MIN_RECALIBRATION_SCANS - 1)
+    assert fit_severity_recalibration(pred[few], classes[few], true[few], "per_class") is None
+    assert "severity recalibration 'per_class' skipped" in caplog.text
+    # a map never leaves the 0-100 scale
+    assert recalibrate_severity(np.array([0.0, 99.0]), np.array([0, 0]), [[2.0, 5.0]] * 3).tolist() == [5.0, 100.0]
+
+
+def test_an_unknown_recalibration_is_refused_before_training(train_cohort, tmp_path):
+    from monai_mtl.errors import ConfigError
+
+    error = raised_error(ConfigError, run_bundle, "training", str(BUNDLE_CONFIGS / "train.json"), dataset_dir=str(train_cohort),
+                         output_dir=str(tmp_path / "r"), max_epochs=1, severity_recalibration="isotonic")
+    assert str(error) == "severity_recalibration must be one of ['none', 'linear', 'per_class'], got 'isotonic'"
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_calibrating_again_recalibrates_the_severity_and_records_the_setting(run_copy, train_cohort, monkeypatch):
+    import monai_mtl.trust
+
+    configs = [str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")]
+    run_bundle("evaluating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy))
+    # 8 validation scans: below the minimum for a line, so the training left the network's severity as it is
+    assert read_trust(run_copy / "model.pt").severity_lines is None
+    before = pd.read_csv(run_copy / "predictions.csv", keep_default_na=False)
+    monkeypatch.setattr(monai_mtl.trust, "MIN_RECALIBRATION_SCANS", 2)  # enough for this check of the plumbing
+    # calibrate again and test again, as the training's last two steps would with this setting
+    run_bundle("recalibrating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy), severity_recalibration="linear")
+    trust = read_trust(run_copy / "model.pt")
+    assert trust.severity_recalibration == "linear" and len(trust.severity_lines) == 3
+    assert json.loads((run_copy / "run_settings.json").read_text())["config"]["severity_recalibration"] == "linear"
+    after = pd.read_csv(run_copy / "test_predictions.csv", keep_default_na=False)
+    metrics = json.loads((run_copy / "test_metrics.json").read_text())
+    slope, intercept = trust.severity_lines[0]
+    np.testing.assert_allclose(after["pred_severity"], np.clip(slope * before["pred_severity"] + intercept, 0, 100), atol=1e-3)
+    assert metrics["trust"]["severity_recalibration"] == "linear"
+    assert metrics["trust"]["severity_mae_before_recalibration"] == pytest.approx(
+        (before["pred_severity"] - before["true_severity"]).abs().mean(), abs=1e-3)
+    assert metrics["severity_mae"] == pytest.approx((after["pred_severity"] - after["true_severity"]).abs().mean(), abs=1e-3)
+    # the interval is fitted on the recalibrated residuals and centred on the recalibrated severity
+    np.testing.assert_allclose(after["severity_high"] - after["pred_severity"],
+                               np.minimum(trust.severity_quantile, 100 - after["pred_severity"]), atol=1e-3)
+
+
+def test_the_interval_after_recalibration_keeps_its_coverage():
+    from monai_mtl.trust import cross_fitted_residuals, fit_severity_recalibration, recalibrate_severity
+
+    rng = np.random.default_rng(2)
+    coverage, in_sample, cross_fitted = 0.9, [], []
+    for _ in range(200):
+        true, pred, classes = _shrunk_severities(rng, n_per_class=20)  # a validation part of 60 scans
+        pred = pred + rng.normal(0, 3.0, len(pred))
+        lines = fit_severity_recalibration(pred, classes, true, "per_class")
+        new_true, new_pred, new_classes = _shrunk_severities(rng, n_per_class=100)
+        new_residuals = np.abs(recalibrate_severity(new_pred + rng.normal(0, 3.0, len(new_pred)), new_classes, lines) - new_true)
+        for quantiles, residuals in ((in_sample, np.abs(recalibrate_severity(pred, classes, lines) - true)),
+                                     (cross_fitted, cross_fitted_residuals(pred, classes, true, "per_class"))):
+            quantiles.append((new_residuals <= conformal_quantile(residuals, coverage)).mean())
+    # six parameters fitted on the 60 scans the quantile is taken from: their residuals are too small
+    assert np.mean(in_sample) < coverage - 0.01
+    assert coverage <= np.mean(cross_fitted) < coverage + 0.03
