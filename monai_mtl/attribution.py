@@ -53,7 +53,7 @@ def training_mean(datalist: Sequence[dict]) -> np.ndarray | None:
 
 def integrated_gradients(
     network: torch.nn.Module, image: torch.Tensor, covariates: torch.Tensor, baseline: torch.Tensor,
-    steps: int = 32, temperature: float = 1.0,
+    steps: int = 32, temperature: float = 1.0, severity_lines: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integrated gradients of one subject's two predictions with respect to its encoded covariates.
 
@@ -63,6 +63,9 @@ def integrated_gradients(
         network: a :class:`~monai_mtl.networks.DualPathNet` trained with covariates, in eval mode.
         image: the subject's preprocessed scan ``(1, C, X, Y, Z)``, held fixed along the path.
         covariates, baseline: ``(F,)`` encoded vectors, the subject's and the reference one.
+        severity_lines: the checkpoint's severity recalibration (:mod:`monai_mtl.trust`): the severity
+            attributions are scaled by the slope of the predicted class's line, so that they add up to
+            the change of the reported severity (the clipping to 0-100 aside).
 
     Returns:
         ``(response (F,), severity (F,), deltas (2,))``: the attributions to the probability of the
@@ -77,14 +80,15 @@ def integrated_gradients(
         ends = network.task_outputs(features.expand(2, *features.shape[1:]), torch.stack([baseline, covariates]))
     end_logits, end_severity = split_output(ends.float())
     predicted = int(end_logits[1].argmax())
+    scale = SEVERITY_SCALE * (severity_lines[predicted][0] if severity_lines is not None else 1.0)
     logits, severity = split_output(network.task_outputs(features.expand(steps, *features.shape[1:]), path).float())
     probability = torch.softmax(logits / temperature, dim=1)[:, predicted]
     gradients = [torch.autograd.grad(target.sum(), path, retain_graph=i == 0)[0].mean(dim=0)
-                 for i, target in enumerate((probability, severity * SEVERITY_SCALE))]
+                 for i, target in enumerate((probability, severity * scale))]
     difference = (covariates - baseline).detach()
     end_probability = torch.softmax(end_logits / temperature, dim=1)[:, predicted]
     deltas = np.array([float(end_probability[1] - end_probability[0]),
-                       float((end_severity[1] - end_severity[0]) * SEVERITY_SCALE)])
+                       float((end_severity[1] - end_severity[0]) * scale)])
     return ((gradients[0] * difference).cpu().numpy(), (gradients[1] * difference).cpu().numpy(), deltas)
 
 
@@ -97,7 +101,7 @@ def column_groups(feature_names: Sequence[str], columns: Sequence[str]) -> dict[
 
 def covariate_attributions(
     network: torch.nn.Module, batches: Iterable[dict], prepare_batch: Callable, encoding, baseline: np.ndarray,
-    device: str | torch.device = "cpu", steps: int = 32, temperature: float = 1.0,
+    device: str | torch.device = "cpu", steps: int = 32, temperature: float = 1.0, severity_lines: list | None = None,
 ) -> tuple[pd.DataFrame, float]:
     """Per-subject, per-column attributions of every subject of ``batches`` (see the module), and the completeness error.
 
@@ -111,7 +115,8 @@ def covariate_attributions(
         prepared = prepare_batch(batch, device)
         images, covariates = prepared[0], prepared[3]["covariates"]
         for k in range(len(images)):
-            response, severity, deltas = integrated_gradients(network, images[k:k + 1], covariates[k], reference, steps, temperature)
+            response, severity, deltas = integrated_gradients(network, images[k:k + 1], covariates[k], reference, steps, temperature,
+                                                           severity_lines)
             errors += [abs(response.sum() - deltas[0]), abs(severity.sum() - deltas[1]) / SEVERITY_SCALE]
             subject = batch["subject_id"][k] if "subject_id" in batch else str(len(rows))
             rows.append({"subject_id": subject,
@@ -127,7 +132,7 @@ def importance(table: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[st
 
 def explain_covariates(
     evaluator, network: torch.nn.Module, checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
-    baseline: np.ndarray | None, steps: int = 32, temperature: float = 1.0,
+    baseline: np.ndarray | None, steps: int = 32, temperature: float = 1.0, severity_lines: list | None = None,
 ) -> dict | None:
     """Write ``covariate_attributions.csv`` and ``covariate_importance.png`` for ``evaluator``'s data; the summary for ``metrics.json``.
 
@@ -143,7 +148,7 @@ def explain_covariates(
         raise ValueError("covariate attributions need the training part's mean covariates (the datalists of a covariate run)")
     device = getattr(evaluator.state, "device", None) or "cpu"
     table, error = covariate_attributions(network, evaluator.data_loader, evaluator.prepare_batch, encoding, baseline,
-                                          device, steps, temperature)
+                                          device, steps, temperature, severity_lines)
     output_dir = Path(output_dir)
     atomic_write_csv(output_dir / ATTRIBUTIONS_FILE, table)
     means = importance(table, encoding.columns)

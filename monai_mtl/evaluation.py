@@ -264,7 +264,8 @@ def evaluate_checkpoint(
         from monai_mtl.attribution import explain_covariates, training_mean
 
         explanation = explain_covariates(evaluator, network, checkpoint, output_dir, training_mean(training_datalist or []),
-                                         temperature=trust.temperature if trust is not None else 1.0)
+                                         temperature=trust.temperature if trust is not None else 1.0,
+                                         severity_lines=trust.severity_lines if trust is not None else None)
         if explanation is not None:
             metrics["covariate_importance"] = explanation
         _write_figures(table, metrics, output_dir, summary_writer, collector.raw_logits(), trust)

@@ -176,13 +176,13 @@ def _line(pred: np.ndarray, true: np.ndarray) -> list[float] | None:
 
 def fit_severity_recalibration(
     pred_severity: np.ndarray, pred_class: np.ndarray, true_severity: np.ndarray, kind: str,
-    num_classes: int = NUM_RESPONSE_CLASSES,
+    num_classes: int = NUM_RESPONSE_CLASSES, log: bool = True,
 ) -> list | None:
     """One ``[slope, intercept]`` (0-100 scale) per class mapping predicted to true severity, or ``None``.
 
     ``kind`` is one of :data:`SEVERITY_RECALIBRATIONS`. ``per_class`` fits on the scans of each *predicted*
     class (what inference knows); a class with fewer than :data:`MIN_RECALIBRATION_SCANS` of them, or whose
-    line would fall, takes the line of all scans. Chosen by cross-fitting on the validation parts of the
+    line would fall, takes the line of all scans (``log``: say so). Chosen by cross-fitting on the validation parts of the
     5-fold CV (docs/experiments.md, "Severity recalibration").
     """
     if check_severity_recalibration(kind) == "none":
@@ -190,15 +190,16 @@ def fit_severity_recalibration(
     pred_severity, pred_class, true_severity = (np.asarray(a) for a in (pred_severity, pred_class, true_severity))
     overall = _line(pred_severity, true_severity)
     if overall is None:
-        logger.warning("severity recalibration %r skipped: %d validation scans, at least %d with distinct "
-                       "predictions and a rising fit are needed", kind, len(pred_severity), MIN_RECALIBRATION_SCANS)
+        if log:
+            logger.warning("severity recalibration %r skipped: %d validation scans, at least %d with distinct "
+                           "predictions and a rising fit are needed", kind, len(pred_severity), MIN_RECALIBRATION_SCANS)
         return None
     if kind == "linear":
         return [overall] * num_classes
     lines = []
     for k in range(num_classes):
         own = _line(pred_severity[pred_class == k], true_severity[pred_class == k])
-        if own is None:
+        if own is None and log:
             logger.info("severity recalibration: class %d has %d validation scans (or a falling fit); it takes "
                         "the line of all scans", k, int((pred_class == k).sum()))
         lines.append(own or overall)
@@ -226,7 +227,8 @@ def cross_fitted_residuals(pred_severity: np.ndarray, pred_class: np.ndarray, tr
     residuals = np.empty(len(pred_severity))
     for k in range(folds):
         held_out = np.arange(len(pred_severity)) % folds == k
-        lines = fit_severity_recalibration(pred_severity[~held_out], pred_class[~held_out], true_severity[~held_out], kind)
+        lines = fit_severity_recalibration(pred_severity[~held_out], pred_class[~held_out], true_severity[~held_out], kind,
+                                           log=False)
         residuals[held_out] = np.abs(recalibrate_severity(pred_severity[held_out], pred_class[held_out], lines)
                                      - true_severity[held_out])
     return residuals

@@ -184,6 +184,13 @@ def test_integrated_gradients_add_up_to_the_change_and_ignore_an_unused_covariat
     assert abs(response.sum() - deltas[0]) <= 1e-3 and abs(severity.sum() - deltas[1]) <= 0.02
     assert response[3] == 0.0 and severity[3] == 0.0
     assert abs(deltas[1]) > 0  # the covariates do move the severity of this untrained network
+    # with a severity recalibration, the attributions are those of the reported severity: the line's slope times the network's
+    lines = [[1.5, -3.0], [1.25, 1.0], [0.5, 2.0]]
+    recalibrated = integrated_gradients(network, image, subject, baseline, steps=64, severity_lines=lines)
+    slope = lines[int(network(image, subject[None]).detach()[0, :3].argmax())][0]
+    np.testing.assert_allclose(recalibrated[1], slope * severity, rtol=1e-5)
+    np.testing.assert_allclose(recalibrated[2], [deltas[0], slope * deltas[1]], rtol=1e-5)
+    np.testing.assert_array_equal(recalibrated[0], response)
     # at the baseline itself nothing is attributed
     response, severity, deltas = integrated_gradients(network, image, baseline, baseline)
     assert not response.any() and not severity.any() and not deltas.any()
