@@ -16,7 +16,7 @@ in ``model.pt`` (metadata key ``trust``), so evaluation and inference apply exac
   features to the nearest class mean, with a covariance shared by the classes (Lee et al. 2018),
   fitted on the training part (scikit-learn's Ledoit-Wolf estimate); ``ood`` is true above the
   ``ood_quantile`` quantile of the validation scans' scores.
-- **a severity recalibration** (``severity_recalibration``), fitted on the validation part before the
+- **a severity recalibration** (``severity_recalibration``, off by default), fitted on the validation part before the
   conformal interval: a least-squares line from the predicted to the true severity, one per predicted
   class (``per_class``) or one for all (``linear``). Regression networks shrink their estimates
   toward the mean of what they were trained on, here toward each class's mean (a slope under 1 and a
@@ -182,8 +182,9 @@ def fit_severity_recalibration(
 
     ``kind`` is one of :data:`SEVERITY_RECALIBRATIONS`. ``per_class`` fits on the scans of each *predicted*
     class (what inference knows); a class with fewer than :data:`MIN_RECALIBRATION_SCANS` of them, or whose
-    line would fall, takes the line of all scans (``log``: say so). Chosen by cross-fitting on the validation parts of the
-    5-fold CV (docs/experiments.md, "Severity recalibration").
+    line would fall, takes the line of all scans (``log``: say so). Measured in docs/experiments.md ("Severity
+    recalibration"): lower MAE on scans like the validation part's, higher under noise, coarse voxels or motion,
+    so the bundle's default is ``none``.
     """
     if check_severity_recalibration(kind) == "none":
         return None

@@ -217,10 +217,11 @@ def test_calibrating_again_recalibrates_the_severity_and_records_the_setting(run
 
     configs = [str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")]
     run_bundle("evaluating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy))
-    # 8 validation scans: below the minimum for a line, so the training left the network's severity as it is
-    assert read_trust(run_copy / "model.pt").severity_lines is None
+    # the default: the network's severity as it is
+    assert read_trust(run_copy / "model.pt").severity_recalibration == "none" and read_trust(run_copy / "model.pt").severity_lines is None
     before = pd.read_csv(run_copy / "predictions.csv", keep_default_na=False)
-    monkeypatch.setattr(monai_mtl.trust, "MIN_RECALIBRATION_SCANS", 2)  # enough for this check of the plumbing
+    # 8 validation scans, below the minimum for a line: two are enough for this check of the plumbing
+    monkeypatch.setattr(monai_mtl.trust, "MIN_RECALIBRATION_SCANS", 2)
     # calibrate again and test again, as the training's last two steps would with this setting
     run_bundle("recalibrating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy), severity_recalibration="linear")
     trust = read_trust(run_copy / "model.pt")
