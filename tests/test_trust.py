@@ -166,14 +166,13 @@ def _shrunk_severities(rng, n_per_class=60):
 
 
 def test_per_class_recalibration_undoes_a_shrinkage_toward_each_class_mean():
+    from monai_mtl.synthetic import CohortConfig
     from monai_mtl.trust import fit_severity_recalibration, recalibrate_severity
 
     rng = np.random.default_rng(0)
     true, pred, classes = _shrunk_severities(rng)
     lines = fit_severity_recalibration(pred, classes, true, "per_class")
     # the inverse of each class's distortion, true = (pred - b) / a, over the class's range
-    from monai_mtl.synthetic import CohortConfig
-
     for (slope, intercept), (a, b), ends in zip(lines, [(0.7, 25.0), (0.85, 7.0), (0.8, 3.0)], CohortConfig().severity_ranges):
         np.testing.assert_allclose(slope * (a * np.array(ends) + b) + intercept, ends, atol=0.5)
     new_true, new_pred, new_classes = _shrunk_severities(rng)  # fitted on one draw, applied to another
