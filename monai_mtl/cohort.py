@@ -280,6 +280,7 @@ def prepare_datalists(
     severity_column: str = "severity",
     bids_session: str | None = None,
     covariates: Sequence[str] = (),
+    covariate_count_levels: int = 0,
 ) -> Datalists:
     """Validate the cohort in ``dataset_dir``, split it and write ``<output_dir>/split.json``.
 
@@ -292,7 +293,8 @@ def prepare_datalists(
     that site's subjects (leave-one-site-out). ``dataset_dir`` may be a BIDS dataset; ``response_column``,
     ``severity_column`` and ``bids_session``: see :func:`read_cohort`. ``covariates``: columns encoded by
     :class:`~monai_mtl.covariates.CovariateEncoding` fitted on the training part (``datalists.covariates``);
-    each record gets its vector under ``"covariates"``.
+    each record gets its vector under ``"covariates"``; ``covariate_count_levels``: its ``count_levels``
+    (``column>=k`` steps for whole-number columns with at most that many levels; 0: none).
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` MONAI datalists.
@@ -329,7 +331,8 @@ def prepare_datalists(
 
         source = str(dataset_dir)
         rows = table.set_index("subject_id", drop=False)
-        datalists.covariates = CovariateEncoding.fit(rows.loc[split["train"]], list(covariates), source)  # training part only
+        datalists.covariates = CovariateEncoding.fit(rows.loc[split["train"]], list(covariates), source,
+                                                     covariate_count_levels)  # training part only
         vectors = dict(zip(table["subject_id"], datalists.covariates.encode(table, source)))
         for records in datalists.values():
             for record in records:

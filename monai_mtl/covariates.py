@@ -8,6 +8,13 @@ part only, :meth:`CovariateEncoding.fit` decides each column's kind and its para
 - **text**: one-hot over the categories seen in the training part (sorted); a missing value is all zeros;
   a category the training part never had is all zeros too, and logged (with the subject) by
   :meth:`CovariateEncoding.encode`;
+- **count steps** (``count_levels`` > 0): a numeric column whose training values are whole numbers with
+  3 to ``count_levels`` distinct levels (a count, a grade, a score on a short scale) also gets one indicator
+  ``column>=k`` per training level ``k`` above its lowest (a thermometer code; 0 where the value is missing).
+  A rule that changes at one level (e.g. "three or more failed treatments") is then one feature for the
+  network to weight, not a step it has to carve from a standardised value with ReLUs under weight decay;
+  the standardised value stays beside it. scikit-learn's ``KBinsDiscretizer`` one-hot codes bins, which
+  puts each level apart instead of "this level or more", so the steps are made here;
 - and for every column a **missing indicator** (1 where the value is missing or an unknown category), so
   the network can tell "average" from "unknown".
 
@@ -37,21 +44,28 @@ class CovariateEncoding:
     columns: list[str]
     numeric: dict[str, list[float]] = field(default_factory=dict)  # column -> [mean, std]
     categories: dict[str, list[str]] = field(default_factory=dict)  # column -> training categories
+    steps: dict[str, list[float]] = field(default_factory=dict)  # numeric column -> levels k of its ``column>=k`` indicators
 
     @classmethod
-    def fit(cls, table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv") -> CovariateEncoding:
-        """Fit the encoding of ``columns`` on ``table`` (the training part)."""
+    def fit(cls, table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv",
+            count_levels: int = 0) -> CovariateEncoding:
+        """Fit the encoding of ``columns`` on ``table`` (the training part); ``count_levels``: see the module's count steps."""
         check_columns(table, columns, source)
-        numeric, categories = {}, {}
+        if int(count_levels) < 0:
+            raise CohortError(f"covariate_count_levels must be 0 (no count steps) or more, got {count_levels!r}")
+        numeric, categories, steps = {}, {}, {}
         for column in columns:
             present = table[column].dropna()
             values = pd.to_numeric(present, errors="coerce")
             if len(present) and values.notna().all():
                 std = float(values.std(ddof=0)) if len(values) > 1 else 0.0
                 numeric[column] = [float(values.mean()), std if std > 0 else 1.0]
+                levels = np.unique(values.to_numpy(dtype=float))
+                if 3 <= len(levels) <= int(count_levels) and np.all(levels == np.round(levels)):
+                    steps[column] = [float(k) for k in levels[1:]]
             else:
                 categories[column] = sorted({str(v).strip() for v in present})
-        return cls(list(columns), numeric, categories)
+        return cls(list(columns), numeric, categories, steps)
 
     @property
     def feature_names(self) -> list[str]:
@@ -59,6 +73,7 @@ class CovariateEncoding:
         names = []
         for column in self.columns:
             names += [column] if column in self.numeric else [f"{column}={c}" for c in self.categories[column]]
+            names += [f"{column}>={k:g}" for k in self.steps.get(column, [])]
             names.append(f"{column}:missing")
         return names
 
@@ -82,6 +97,9 @@ class CovariateEncoding:
                     raise CohortError(f"{source}: column '{column}' is numeric in the training part, but "
                                       f"{_who(table, i)} has {raw.iloc[i]!r}")
                 block = ((values.fillna(mean).to_numpy(dtype=float) - mean) / std)[:, None]
+                if self.steps.get(column):  # NaN >= k is False: a missing count has no steps, its indicator says why
+                    present = values.to_numpy(dtype=float)[:, None]
+                    block = np.concatenate([block, present >= np.asarray(self.steps[column])[None, :]], axis=1)
             else:
                 known = self.categories[column]
                 text = raw.astype(object).where(~raw.isna(), None)
@@ -100,7 +118,9 @@ class CovariateEncoding:
 
     @classmethod
     def from_dict(cls, data: dict) -> CovariateEncoding:
-        return cls(list(data["columns"]), dict(data.get("numeric", {})), dict(data.get("categories", {})))
+        # an encoding stored before count steps existed has none
+        return cls(list(data["columns"]), dict(data.get("numeric", {})), dict(data.get("categories", {})),
+                   dict(data.get("steps", {})))
 
 
 def check_columns(table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv") -> None:

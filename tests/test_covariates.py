@@ -65,6 +65,43 @@ def test_encoding_is_fitted_on_the_training_part_only_and_logs_unknown_categorie
     assert "ultrarapid" in caplog.text and "subject d" in caplog.text  # ... and logged with its subject
 
 
+def test_count_steps_give_a_whole_number_column_one_indicator_per_level_fitted_on_the_training_part():
+    train = pd.DataFrame({"subject_id": list("abcdefg"), "prior": [0, 1, 2, 3, 3, None, 1],
+                          "age": [20.5, 30, 40, 50, 60, 70, 80], "flag": [0, 1, 0, 1, 0, 1, 0]})
+    encoding = CovariateEncoding.fit(train, ["prior", "age", "flag"], count_levels=4)
+    # a count with 4 levels gets 3 steps; a non-integer column and a 0/1 column (already a step) get none
+    assert encoding.steps == {"prior": [1.0, 2.0, 3.0]}
+    assert encoding.feature_names == ["prior", "prior>=1", "prior>=2", "prior>=3", "prior:missing",
+                                      "age", "age:missing", "flag", "flag:missing"]
+    test = pd.DataFrame({"subject_id": ["x", "y", "z"], "prior": [2, None, 9], "age": [1, 2, 3], "flag": [0, 0, 0]})
+    x = encoding.encode(test)
+    assert list(x[0, 1:5]) == [1.0, 1.0, 0.0, 0.0]  # 2: "one or more", "two or more"
+    assert list(x[1, 1:5]) == [0.0, 0.0, 0.0, 1.0]  # missing: no step, flagged
+    assert list(x[2, 1:5]) == [1.0, 1.0, 1.0, 0.0]  # a level the training part never had still counts as >= 3
+    assert x[2, 0] == pytest.approx((9 - 10 / 6) / np.std([0, 1, 2, 3, 3, 1]))  # the standardised value stays beside it
+    assert CovariateEncoding.from_dict(json.loads(json.dumps(encoding.to_dict()))) == encoding
+    # more levels than count_levels, or count_levels 0 (the default): no steps; an encoding stored before them has none
+    assert CovariateEncoding.fit(train, ["prior"], count_levels=3).steps == {}
+    assert CovariateEncoding.fit(train, ["prior"]).feature_names == ["prior", "prior:missing"]
+    assert CovariateEncoding.from_dict({"columns": ["prior"], "numeric": {"prior": [1.0, 1.0]}}).steps == {}
+    with pytest.raises(CohortError, match="covariate_count_levels must be 0"):
+        CovariateEncoding.fit(train, ["prior"], count_levels=-1)
+
+
+def test_the_bundle_key_covariate_count_levels_reaches_the_encoding_fitted_on_the_training_part(tmp_path):
+    from monai_mtl.cohort import prepare_datalists
+
+    generate_cohort(tmp_path / "cohort", CohortConfig(num_samples=40, seed=5), workers=1, progress=False, covariates=True)
+    datalists = prepare_datalists(tmp_path / "cohort", tmp_path / "run", validate_images=False,
+                                  covariates=["prior_treatments", "sex"], covariate_count_levels=10)
+    labels = pd.read_csv(tmp_path / "cohort" / "labels.csv").set_index("subject_id")
+    levels = sorted(labels.loc[[r["subject_id"] for r in datalists["train"]], "prior_treatments"].unique())
+    assert datalists.covariates.steps == {"prior_treatments": [float(k) for k in levels[1:]]}
+    record = datalists["test"][0]
+    count = labels.at[record["subject_id"], "prior_treatments"]
+    assert list(record["covariates"][1:len(levels)]) == [float(count >= k) for k in levels[1:]]
+
+
 def test_a_listed_covariate_the_table_lacks_is_refused():
     with pytest.raises(CohortError, match=r"covariate column\(s\) \['bmi'\].*not found"):
         CovariateEncoding.fit(_table(), ["age", "bmi"])
