@@ -13,8 +13,10 @@
   severity (scikit-learn pipelines with standardisation), fit on the run's train + validation parts.
 * ``covariates-only``: the same two scikit-learn models on the clinical covariates alone (no imaging),
   encoded by :class:`~monai_mtl.covariates.CovariateEncoding` fitted on the train + validation parts
-  (standardised numbers, one-hot categories, missing indicators). The columns: ``covariates`` given, else
-  the reference run's ``covariates`` setting, else those ``generate --covariates`` recorded in ``cohort.json``.
+  (standardised numbers, one-hot categories, missing indicators, and the count steps of the reference run's
+  ``covariate_count_levels``, so that it sees the features the fused network saw). The columns: ``covariates``
+  given, else the reference run's ``covariates`` setting, else those ``generate --covariates`` recorded in
+  ``cohort.json``.
 
 All write ``test_metrics.json`` and ``test_predictions.csv`` in the format of the training run. With a
 cross-validation folder as the reference (:func:`run_baselines_cv`) they run on each fold's split and are
@@ -184,15 +186,19 @@ def run_baseline(
     return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir, covariates)
 
 
+def _reference_setting(split_file: str | os.PathLike, key: str):
+    """The bundle setting ``key`` of the run whose split this is (``None`` without its ``run_settings.json``)."""
+    settings_file = Path(split_file).with_name(SETTINGS_FILE)
+    return json.loads(settings_file.read_text()).get("config", {}).get(key) if settings_file.is_file() else None
+
+
 def _covariate_columns(dataset_dir: str | os.PathLike, split_file: str | os.PathLike, given: Sequence[str] | None) -> list[str]:
     """The ``covariates-only`` baseline's columns: ``given``, else the reference run's setting, else ``cohort.json``'s."""
     if given:
         return list(given)
-    settings_file = Path(split_file).with_name(SETTINGS_FILE)
-    if settings_file.is_file():
-        columns = json.loads(settings_file.read_text()).get("config", {}).get("covariates")
-        if columns:
-            return list(columns)
+    columns = _reference_setting(split_file, "covariates")
+    if columns:
+        return list(columns)
     cohort_file = Path(dataset_dir) / "cohort.json"
     if cohort_file.is_file():
         columns = (json.loads(cohort_file.read_text()).get("covariates") or {}).get("columns")
@@ -233,7 +239,9 @@ def _fit_classical_baseline(
 
         columns = _covariate_columns(dataset_dir, split_file, covariates)
         source = str(dataset_dir)
-        encoding = CovariateEncoding.fit(fit, columns, source)  # train + validation parts: the test part never changes it
+        count_levels = int(_reference_setting(split_file, "covariate_count_levels") or 0)
+        # train + validation parts: the test part never changes it
+        encoding = CovariateEncoding.fit(fit, columns, source, count_levels)
         probabilities, pred_severity = _fit_linear_models(encoding.encode(fit, source), fit, encoding.encode(test, source))
         facts = {"covariates": columns, "features": encoding.feature_names}
     else:

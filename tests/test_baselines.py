@@ -92,6 +92,19 @@ def test_covariates_only_baseline_learns_from_the_columns_alone_and_runs_on_ever
     assert metrics["accuracy"] == 1.0 and metrics["covariates"] == ["marker", "noise"]
     assert metrics["features"] == ["marker=a", "marker=b", "marker=c", "marker:missing", "noise", "noise:missing"]
 
+    # no columns given: the reference run's covariates and count steps (covariate_count_levels), as the fused network saw
+    labels = pd.read_csv(cohort / "labels.csv")
+    labels["count"] = labels["response"] * 2  # whole numbers 0, 2, 4
+    labels.to_csv(cohort / "labels.csv", index=False)
+    reference = tmp_path / "fused_run"
+    reference.mkdir()
+    (reference / "split.json").write_text((trained_run / "split.json").read_text())
+    (reference / "run_settings.json").write_text(json.dumps({"config": {"covariates": ["count"], "covariate_count_levels": 10}}))
+    assert main(["baseline", "--kind", "covariates-only", "--dataset-dir", str(cohort), "--split",
+                 str(reference / "split.json"), "--output-dir", str(tmp_path / "steps")]) == 0
+    stepped = json.loads((tmp_path / "steps" / "test_metrics.json").read_text())
+    assert stepped["features"] == ["count", "count>=2", "count>=4", "count:missing"] and stepped["accuracy"] == 1.0
+
     # with a cross-validation folder as --split: every fold's split, summarized like cv
     tests = _fold_splits(cohort, tmp_path / "cv")
     assert main(["baseline", "--kind", "covariates-only", "class-median", "--dataset-dir", str(cohort), "--split",
