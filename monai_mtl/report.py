@@ -187,7 +187,7 @@ CV_COMPARISONS = (
 
 #: the fused model's CV on the multimodal cohort (``generate --covariates``), compared with each modality alone
 MULTIMODAL_REFERENCE = CvComparison(
-    "**fused**: imaging + covariates (`multimodal.json`: concatenation, `lr_patience` 5, up to 60 epochs)", "runs/cv_multimodal",
+    "**fused**: imaging + covariates (`multimodal.json`: concatenation, count steps, `lr_patience` 5, up to 60 epochs)", "runs/cv_multimodal",
     ("bundle/configs/train.json", "bundle/configs/multimodal.json"),
     make="`python -m monai_mtl cv --folds 5 --config-file bundle/configs/train.json bundle/configs/multimodal.json "
          "--dataset-dir data/multimodal --output-dir runs/cv_multimodal`", dataset_dir="data/multimodal")

@@ -266,3 +266,18 @@ def test_a_signal_only_the_covariates_carry_is_learned_by_the_fused_model_and_no
         accuracy[name] = (predictions["pred_response"] == predictions["true_response"]).mean()
     # 9 test subjects: at most one miss for either fusion of the covariates (100% here), chance level (1/3) without them
     assert accuracy["concat"] >= 8 / 9 and accuracy["film"] >= 8 / 9 and accuracy["imaging"] < 0.7, accuracy
+
+
+def test_a_run_stored_before_count_steps_resumes_without_a_difference_unless_they_are_asked_for():
+    from pathlib import Path
+
+    from monai_mtl.run_folder import FORMER_SETTINGS, differences
+
+    former, now = FORMER_SETTINGS["datalists"]
+    assert former.replace(")", ", covariate_count_levels=@covariate_count_levels)") == now
+    from conftest import TRAIN_CONFIG
+
+    assert json.loads(Path(TRAIN_CONFIG).read_text())["datalists"] == now  # what train.json has today
+    current = {"datalists": now, "covariate_count_levels": 0}
+    assert differences({"datalists": former}, current) == []  # an earlier run read as 0 steps, the encoding of then
+    assert differences({"datalists": former}, {**current, "covariate_count_levels": 10}) == ["covariate_count_levels: 0 -> 10"]
