@@ -369,6 +369,8 @@ def _run_results(args: argparse.Namespace) -> int:
     from monai_mtl.report import write_all
 
     section = write_all(args.root, args.readme, args.bundle)
+    if section is None:  # no runs/train: nothing of the results table is rewritten (write_all said so)
+        return 0
     atomic_write_text(args.output, section)
     also = [a for a in (args.readme, args.bundle) if a]
     logging.getLogger(__name__).info("results table -> %s%s", args.output, f" and {', '.join(also)}" if also else "")

@@ -290,9 +290,15 @@ def cv_comparison_table(root: str | os.PathLike = ".", reference: CvComparison =
             + "\n".join(lines) + "\n")
 
 
-def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT_ROWS, cv_dir: str = "runs/cv") -> str:
-    """The markdown results section: a header line on the data and machine, then one row per model found."""
+def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT_ROWS, cv_dir: str = "runs/cv") -> str | None:
+    """The markdown results section: a header line on the data and machine, then one row per model found.
+
+    ``None`` without the first row's run (ours): the header describes its split, and a table of baselines
+    alone would read as if ours had not been made (a fresh clone has no runs).
+    """
     root = Path(root)
+    if not (root / rows[0].run_dir / "test_metrics.json").is_file():
+        return None
     lines = [
         "| model | command | test accuracy | test severity MAE (95% CI) | 5-fold CV accuracy | 5-fold CV MAE "
         "| epochs (best) | training wall time |",
@@ -456,13 +462,20 @@ def ood_table(root: str | os.PathLike = ".", run_dir: str = "runs/train") -> str
             f"(`python -m monai_mtl trust --run {run_dir}`).\n\n" + "\n".join(lines) + "\n")
 
 
-def update_block(document: str | os.PathLike, section: str, name: str = "results") -> Path:
-    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``document`` with ``section``."""
-    document = Path(document)
+def _checked_block(document: Path, name: str) -> str:
+    """``document``'s text; a ``ValueError`` naming the markers when it has no ``name`` block."""
     text = document.read_text()
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
         raise ValueError(f"{document} has no '{start}' ... '{end}' block to replace")
+    return text
+
+
+def update_block(document: str | os.PathLike, section: str, name: str = "results") -> Path:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``document`` with ``section``."""
+    document = Path(document)
+    text = _checked_block(document, name)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     before, rest = text.split(start, 1)
     after = rest.split(end, 1)[1]
     return atomic_write_text(document, f"{before}{start}\n{section}{end}{after}")
@@ -516,12 +529,22 @@ def copy_figures(root: str | os.PathLike, target: str | os.PathLike, run_dir: st
     return copied
 
 
-def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None) -> str:
-    """The results table; with ``readme`` every generated block of it and its figures, with ``bundle`` its docs and metadata."""
+def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = None,
+              bundle: str | os.PathLike | None = None) -> str | None:
+    """The results table; with ``readme`` every generated block of it and its figures, with ``bundle`` its docs and metadata.
+
+    A block whose runs are absent is left as it is (``None`` is returned for the results table then).
+    """
     section = results_table(root)
+    if section is None:
+        logger.warning("no %s under %s: the results table, its figures, the bundle's docs and metadata are left as they are",
+                       DEFAULT_ROWS[0].run_dir, Path(root).absolute())
     if readme:
-        copy_figures(root, Path(readme).parent / "docs" / "results")
-        update_block(readme, section, "results")
+        if section is None:
+            _checked_block(Path(readme), "results")  # a README without the block is refused all the same
+        else:
+            copy_figures(root, Path(readme).parent / "docs" / "results")
+            update_block(readme, section, "results")
         full = robustness_table(root)
         if full is not None:  # the README shows the compact table; the whole sweep is a generated file beside it
             atomic_write_text(Path(readme).parent / "docs" / "results" / "robustness.md", "# Robustness sweep\n\n" + full)
@@ -542,7 +565,7 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
                 logger.warning("no runs for the %s block of %s: left as it is", name, readme)
             elif f"<!-- {name}:start -->" in Path(readme).read_text():
                 update_block(readme, block, name)
-    if bundle:
+    if bundle and section is not None:
         update_block(Path(bundle) / "docs" / "README.md", section, "results")
         update_bundle_metadata(Path(bundle) / "configs" / "metadata.json", root)
     return section

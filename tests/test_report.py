@@ -85,7 +85,8 @@ def test_robustness_and_leave_site_out_blocks(tmp_path):
     assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "t.md"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "| grid | 80x72x24 | 50.0% / 4.25 | 99.0% / 4.25 |" in text and "| clean | — | 100.0% / 3.00 | 100.0% / 3.00 |" in text
-    assert "| 0 | 5 | 80.0% / 6.00 | 100.0% / 3.00 | 2.00 |" in text and "\nold\n" not in text
+    assert "| 0 | 5 | 80.0% / 6.00 | 100.0% / 3.00 | 2.00 |" in text
+    assert text.count("\nold\n") == 1 and text.startswith("<!-- results:start -->\nold\n")  # no runs/train: kept
 
 
 def test_readme_without_markers_is_an_error(tmp_path, capsys):
@@ -149,3 +150,19 @@ def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_pa
     limit_row = cv_comparison_table(tmp_path, MULTIMODAL_REFERENCE, MULTIMODAL_COMPARISONS).splitlines()[-1]
     assert limit_row.startswith("| information limit") and "--split runs/cv_multimodal --response-only" in limit_row
     assert "--dataset-dir data/multimodal" in limit_row and "| 99.5% ± 0.7 | — | 0.0% ± 0.0 |" in limit_row
+
+
+def test_results_without_the_reference_run_leaves_the_results_block_its_file_and_the_bundle_as_they_are(tmp_path):
+    _metrics(tmp_path / "runs" / "baselines" / "class-median", 1.0, 8.51)  # a baseline, but no runs/train (a fresh clone)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\nthe table of the runs made before\n{END}\n")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
+    (bundle / "docs").mkdir()
+    (bundle / "docs" / "README.md").write_text(f"# bundle\n{START}\nthe same table\n{END}\n")
+    metadata = (bundle / "configs" / "metadata.json").read_text()
+    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme),
+                 "--bundle", str(bundle)]) == 0
+    assert "the table of the runs made before" in readme.read_text() and not (tmp_path / "table.md").exists()
+    assert "the same table" in (bundle / "docs" / "README.md").read_text()
+    assert (bundle / "configs" / "metadata.json").read_text() == metadata
