@@ -20,6 +20,17 @@ def _metrics(path, accuracy, mae):
     (path / "test_metrics.json").write_text(json.dumps({"n": 9, "accuracy": accuracy, "severity_mae": mae}))
 
 
+def _readme_and_bundle(tmp_path, readme_block: str, bundle_block: str, after: str = ""):
+    """A README (then ``after``) and a bundle (this repository's configs) whose results blocks hold the given text."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\n{readme_block}\n{END}\n{after}")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
+    (bundle / "docs").mkdir()
+    (bundle / "docs" / "README.md").write_text(f"# bundle\n{START}\n{bundle_block}\n{END}\n")
+    return readme, bundle
+
+
 def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(trained_run, runs / "train")
@@ -34,12 +45,7 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     settings = json.loads((runs / "train" / "run_settings.json").read_text())
     settings["config"].update(num_folds=2, fold=0)  # a fold differs from the reference run in its split only
     (runs / "cv" / "fold_0" / "run_settings.json").write_text(json.dumps(settings))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{START}\nold table\n{END}\n\nafter\n")
-    bundle = tmp_path / "bundle"
-    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
-    (bundle / "docs").mkdir()
-    (bundle / "docs" / "README.md").write_text(f"# bundle\n{START}\ntyped by hand\n{END}\n")
+    readme, bundle = _readme_and_bundle(tmp_path, "old table", "typed by hand", after="\nafter\n")
 
     assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme),
                  "--bundle", str(bundle)]) == 0
@@ -154,12 +160,7 @@ def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_pa
 
 def test_results_without_the_reference_run_leaves_the_results_block_its_file_and_the_bundle_as_they_are(tmp_path):
     _metrics(tmp_path / "runs" / "baselines" / "class-median", 1.0, 8.51)  # a baseline, but no runs/train (a fresh clone)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{START}\nthe table of the runs made before\n{END}\n")
-    bundle = tmp_path / "bundle"
-    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
-    (bundle / "docs").mkdir()
-    (bundle / "docs" / "README.md").write_text(f"# bundle\n{START}\nthe same table\n{END}\n")
+    readme, bundle = _readme_and_bundle(tmp_path, "the table of the runs made before", "the same table")
     metadata = (bundle / "configs" / "metadata.json").read_text()
     assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme),
                  "--bundle", str(bundle)]) == 0
