@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from monai_mtl.errors import CohortError
+from monai_mtl.errors import CohortError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class CovariateEncoding:
             count_levels: int = 0) -> CovariateEncoding:
         """Fit the encoding of ``columns`` on ``table`` (the training part); ``count_levels``: see the module's count steps."""
         check_columns(table, columns, source)
-        if int(count_levels) < 0:
-            raise CohortError(f"covariate_count_levels must be 0 (no count steps) or more, got {count_levels!r}")
+        if isinstance(count_levels, bool) or not isinstance(count_levels, (int, np.integer)) or count_levels < 0:
+            raise ConfigError(f"covariate_count_levels must be a whole number, 0 (no count steps) or more, got {count_levels!r}")
         numeric, categories, steps = {}, {}, {}
         for column in columns:
             present = table[column].dropna()
@@ -61,7 +61,7 @@ class CovariateEncoding:
                 std = float(values.std(ddof=0)) if len(values) > 1 else 0.0
                 numeric[column] = [float(values.mean()), std if std > 0 else 1.0]
                 levels = np.unique(values.to_numpy(dtype=float))
-                if 3 <= len(levels) <= int(count_levels) and np.all(levels == np.round(levels)):
+                if 3 <= len(levels) <= count_levels and np.all(levels == np.round(levels)):
                     steps[column] = [float(k) for k in levels[1:]]
             else:
                 categories[column] = sorted({str(v).strip() for v in present})

@@ -11,7 +11,7 @@ import pytest
 
 from monai_mtl.clinical import COVARIATE_COLUMNS, observed_response
 from monai_mtl.covariates import CovariateEncoding
-from monai_mtl.errors import CohortError
+from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.synthetic import CohortConfig, generate_cohort
 
 
@@ -84,8 +84,9 @@ def test_count_steps_give_a_whole_number_column_one_indicator_per_level_fitted_o
     assert CovariateEncoding.fit(train, ["prior"], count_levels=3).steps == {}
     assert CovariateEncoding.fit(train, ["prior"]).feature_names == ["prior", "prior:missing"]
     assert CovariateEncoding.from_dict({"columns": ["prior"], "numeric": {"prior": [1.0, 1.0]}}).steps == {}
-    with pytest.raises(CohortError, match="covariate_count_levels must be 0"):
-        CovariateEncoding.fit(train, ["prior"], count_levels=-1)
+    for wrong in (-1, "10", 2.5):  # a bundle override that is not a whole number is refused, naming the key
+        with pytest.raises(ConfigError, match="covariate_count_levels must be a whole number"):
+            CovariateEncoding.fit(train, ["prior"], count_levels=wrong)
 
 
 def test_the_bundle_key_covariate_count_levels_reaches_the_encoding_fitted_on_the_training_part(tmp_path):
@@ -162,7 +163,6 @@ def test_a_model_with_covariates_trains_evaluates_and_predicts_from_a_csv(tmp_pa
 def test_a_covariate_network_needs_its_covariates_and_keeps_imaging_checkpoints_unchanged():
     import torch
 
-    from monai_mtl.errors import ConfigError
     from monai_mtl.networks import DualPathNet
 
     assert "num_covariates" not in DualPathNet().init_args  # imaging-only checkpoints store what they stored before
@@ -175,7 +175,6 @@ def test_a_covariate_network_needs_its_covariates_and_keeps_imaging_checkpoints_
 def test_film_fusion_starts_as_the_imaging_path_then_modulates_it_by_the_covariates():
     import torch
 
-    from monai_mtl.errors import ConfigError
     from monai_mtl.networks import DualPathNet, build_network, network_config
     from monai_mtl.run_folder import differences
 
