@@ -65,14 +65,17 @@ ADDED_SETTINGS = {
     "severity_recalibration": "none",
     "covariate_count_levels": 0,
 }
+_DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, "
+                   "validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, "
+                   "fold=@fold, held_out_site=@held_out_site, response_column=@response_column, "
+                   "severity_column=@severity_column, bids_session=@bids_session, covariates=@covariates")
 #: settings an earlier version stored with another value that did what the current one does: ``key: (stored,
 #: current)``; ``@validation_network`` is ``@network`` unless ``ema_momentum`` (itself compared) is set
 FORMER_SETTINGS = {
     "validate#evaluator#network": ("@network", "@validation_network"),
     "validate#named_handlers#best_model#network": ("@network", "@validation_network"),
-    # before covariate_count_levels (itself compared; 0 = the encoding of then)
-    "datalists": ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, fold=@fold, held_out_site=@held_out_site, response_column=@response_column, severity_column=@severity_column, bids_session=@bids_session, covariates=@covariates)",
-                  "$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, fold=@fold, held_out_site=@held_out_site, response_column=@response_column, severity_column=@severity_column, bids_session=@bids_session, covariates=@covariates, covariate_count_levels=@covariate_count_levels)"),
+    # before covariate_count_levels (itself compared; 0 = the encoding of then): the same call without that argument
+    "datalists": (_DATALISTS_CALL + ")", _DATALISTS_CALL + ", covariate_count_levels=@covariate_count_levels)"),
 }
 #: keyword arguments of ``monai.bundle.run`` / ``create_workflow`` that are not config overrides
 _RUN_ARGUMENTS = frozenset({
