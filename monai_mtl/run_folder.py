@@ -32,6 +32,7 @@ from typing import Any
 
 from monai_mtl.errors import ConfigError, RunLockError
 from monai_mtl.io import atomic_write_json
+from monai_mtl.transforms import BatchScannerAugmentation
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ ADDED_SETTINGS = {
     "train#named_handlers#training_state#weight_average": "@weight_average",
     "severity_recalibration": "none",
     "covariate_count_levels": 0,
+    "train#batch_augmentation#scanner": "@scanner_augmentation",
 }
 _DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, "
                    "validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, "
@@ -125,6 +127,10 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in items:
         flat.update(flatten(value, f"{prefix}#{key}" if prefix else str(key)))
     return flat
+
+
+# before scanner_augmentation, the robust preset drew the class defaults: MONAI's ranges, no ghosting
+ADDED_SETTINGS.update(flatten({"scanner_augmentation": BatchScannerAugmentation.default_settings()}))
 
 
 def check_overrides() -> None:

@@ -10,6 +10,7 @@ voxel size or orientation of the scans it is given.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -288,6 +289,8 @@ class BatchScannerAugmentation:
         low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9),
         affine_prob: float = 0.15, rotate: float = np.pi / 60, scale: float = 0.03,
         translate: tuple[float, float, float] = (2.0, 2.0, 1.0),
+        ghost_prob: float = 0.0, ghost_strength: tuple[float, float] = (0.0, 0.3),
+        ghost_period: tuple[int, int] = (3, 8), ghost_axes: Sequence[int] = (0, 1),
     ) -> None:
         self.bias_prob, self.bias_degree, self.bias_coeff = bias_prob, bias_degree, bias_coeff
         self.contrast_prob, self.gamma = contrast_prob, gamma
@@ -296,6 +299,37 @@ class BatchScannerAugmentation:
         self.smooth_prob, self.sigma = smooth_prob, tuple(sigma)
         self.low_resolution_prob, self.zoom = low_resolution_prob, zoom
         self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, tuple(translate)
+        self.ghost_prob, self.ghost_strength = ghost_prob, tuple(ghost_strength)
+        self.ghost_period, self.ghost_axes = tuple(int(p) for p in ghost_period), tuple(int(a) for a in ghost_axes)
+        if not 2 <= self.ghost_period[0] <= self.ghost_period[1]:
+            raise ConfigError(f"scanner_augmentation ghost_period must be a range (low, high) of whole numbers >= 2, "
+                              f"got {list(ghost_period)}")
+        if not self.ghost_axes or any(a not in (0, 1, 2) for a in self.ghost_axes):
+            raise ConfigError(f"scanner_augmentation ghost_axes must list spatial axes 0, 1 or 2, got {list(ghost_axes)}")
+
+    @classmethod
+    def default_settings(cls) -> dict:
+        """The keyword arguments' defaults as JSON values (ranges as lists): MONAI's transforms of
+        :func:`augmentation_transforms`, no ghosting; what ``scanner_augmentation`` meant before it existed."""
+        import inspect
+
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+        return json.loads(json.dumps(defaults))
+
+    @classmethod
+    def from_settings(cls, settings: Mapping | None) -> BatchScannerAugmentation:
+        """From the ``scanner_augmentation`` config key (keyword arguments; lists for ranges), an unknown name refused.
+
+        Raises:
+            ConfigError: ``scanner_augmentation has no setting 'bias_range' (known: affine_prob, ...)``.
+        """
+        import inspect
+
+        known = [name for name in inspect.signature(cls).parameters]
+        unknown = sorted(set(settings or {}) - set(known))
+        if unknown:
+            raise ConfigError(f"scanner_augmentation has no setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**{k: tuple(v) if isinstance(v, list) and k != "sigma" else v for k, v in (settings or {}).items()})
 
     @staticmethod
     def _uniform(n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
@@ -391,6 +425,23 @@ class BatchScannerAugmentation:
         grid = (base @ theta.transpose(1, 2).unsqueeze(1)).view(len(images), *shape, 3)
         return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
+    @staticmethod
+    def ghosting(image: torch.Tensor, strength: float, period: int, axis: int) -> torch.Tensor:
+        """Motion ghosts in one ``(1, C, X, Y, Z)`` volume: every ``period``-th k-space line along spatial ``axis``
+        keeps ``1 - strength`` of its amplitude, the magnitude image reconstructed.
+
+        A periodic error between phase-encoding lines (breathing, pulsation) copies the object at shifts
+        of FOV / ``period`` along that axis. MONAI has no such transform; this is TorchIO's
+        ``RandomGhosting`` without its restored k-space centre, and the form of the generator's
+        :func:`monai_mtl.artifacts.motion_ghosting`.
+        """
+        dims = tuple(range(2, image.ndim))
+        spectrum = torch.fft.fftn(image, dim=dims)
+        index = [slice(None)] * image.ndim
+        index[2 + axis] = slice(0, None, period)
+        spectrum[tuple(index)] *= 1.0 - strength
+        return torch.fft.ifftn(spectrum, dim=dims).abs().to(image.dtype)
+
     def affine_matrices(self, n: int) -> torch.Tensor:
         """``(n, 4, 4)``: MONAI ``RandAffine``'s draws (rotation, translation in voxels, scale) and its matrix order."""
         from monai.transforms.utils import create_rotate, create_scale, create_translate
@@ -431,6 +482,12 @@ class BatchScannerAugmentation:
         chosen = self._chosen(images, self.affine_prob)
         if len(chosen):
             images[chosen] = self.affine(images[chosen], self.affine_matrices(len(chosen)).to(images.device))
+        if self.ghost_prob > 0:  # drawn only when on, so the other artifacts' draws stay as they were without it
+            for i in self._chosen(images, self.ghost_prob).tolist():
+                strength = float(torch.empty(1).uniform_(*self.ghost_strength))
+                period = int(torch.randint(self.ghost_period[0], self.ghost_period[1] + 1, (1,)))
+                axis = self.ghost_axes[int(torch.randint(len(self.ghost_axes), (1,)))]
+                images[i : i + 1] = self.ghosting(images[i : i + 1], strength, period, axis)
         return images
 
 
@@ -458,11 +515,13 @@ class TrainingAugmentation:
         (True, False)
     """
 
-    def __init__(self, preset: str, preprocessing: Preprocessing, noise_std: float = 0.01, shift: float = 0.05) -> None:
+    def __init__(self, preset: str, preprocessing: Preprocessing, noise_std: float = 0.01, shift: float = 0.05,
+                 scanner: Mapping | None = None) -> None:
         if preset not in AUGMENTATION_PRESETS:
             raise ConfigError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {preset!r}")
         self.preset, self.preprocessing = preset, preprocessing
-        self.scanner = BatchScannerAugmentation() if preset == "robust" else None
+        # ``scanner``: the ``scanner_augmentation`` config key, BatchScannerAugmentation's ranges and probabilities
+        self.scanner = BatchScannerAugmentation.from_settings(scanner) if preset == "robust" else None
         self.intensity = BatchIntensityAugmentation(noise_std, shift)
 
     @property

@@ -122,3 +122,58 @@ def test_smoothing_is_monais_gaussian_filter_with_each_volumes_sigmas():
     for i in range(3):
         torch.testing.assert_close(out[i : i + 1], GaussianFilter(3, sigmas[i].tolist(), approx="erf")(images[i : i + 1]),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_ghosting_is_the_generators_motion_artifact_and_fires_only_when_asked():
+    from monai_mtl.artifacts import motion_ghosting
+
+    volume = _volumes(1)
+    ghosted = BatchScannerAugmentation.ghosting(volume, 0.2, period=4, axis=1)
+    np.testing.assert_allclose(ghosted[0, 0].numpy(), motion_ghosting(volume[0, 0].numpy(), 0.2, axis=1, period=4),
+                               atol=1e-5)
+    torch.testing.assert_close(BatchScannerAugmentation.ghosting(volume, 0.0, period=4, axis=0), volume, atol=1e-5, rtol=0)
+    # ghosts: copies of the object (strength / period of its intensity) every FOV / period along the axis, nothing between
+    cube = torch.zeros(1, 1, *SHAPE)
+    cube[..., 8:12, 2:6, 3:5] = 1.0
+    ghost = BatchScannerAugmentation.ghosting(cube, 0.4, period=4, axis=1)[0, 0]
+    torch.testing.assert_close(ghost[8:12, 2:6, 3:5], torch.full((4, 4, 2), 0.9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ghost[8:12, 7:11, 3:5], torch.full((4, 4, 2), 0.1), atol=1e-5, rtol=0)
+    assert float(ghost[8:12, [1, 6, 11], 3:5].abs().max()) < 1e-5 and float(ghost[:, :, :3].abs().max()) < 1e-5
+    # off by default, so the other artifacts draw exactly what they drew before the setting existed
+    never = dict(bias_prob=0, contrast_prob=0, gibbs_prob=0, rician_prob=0, smooth_prob=0, low_resolution_prob=0,
+                 affine_prob=0)
+    images = _volumes(4)
+    torch.testing.assert_close(BatchScannerAugmentation(**never)(images), images)
+    torch.manual_seed(0)
+    out = BatchScannerAugmentation(**never, ghost_prob=1.0, ghost_strength=(0.1, 0.3))(images)
+    assert torch.all((out - images).flatten(1).abs().amax(dim=1) > 1e-3)
+
+
+def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one():
+    import json
+
+    from conftest import TRAIN_CONFIG
+    from monai.bundle import ConfigParser
+
+    from monai_mtl.errors import ConfigError
+    from monai_mtl.run_folder import ADDED_SETTINGS, differences, flatten
+
+    settings = json.loads(open(TRAIN_CONFIG).read())["scanner_augmentation"]
+    assert sorted(settings) == sorted(BatchScannerAugmentation.default_settings())
+    parser = ConfigParser()
+    parser.read_config(TRAIN_CONFIG)
+    parser["scanner_augmentation"]["ghost_prob"] = 0.25
+    parser["scanner_augmentation"]["bias_coeff"] = [-0.2, 0.2]
+    scanner = parser.get_parsed_content("train#batch_augmentation").scanner
+    assert scanner.ghost_prob == 0.25 and scanner.bias_coeff == (-0.2, 0.2)  # the key reaches the training's augmentation
+    with pytest.raises(ConfigError, match="scanner_augmentation has no setting 'bias_range'"):
+        BatchScannerAugmentation.from_settings({"bias_range": [0, 1]})
+    with pytest.raises(ConfigError, match="ghost_period"):
+        BatchScannerAugmentation.from_settings({"ghost_period": [1, 4]})
+    # a run stored before the key drew the class defaults: no difference on resume, unless the ranges changed
+    current = {**flatten({"scanner_augmentation": BatchScannerAugmentation.default_settings()}),
+               "train#batch_augmentation#scanner": "@scanner_augmentation", "learning_rate": 0.0005}
+    assert all(k in ADDED_SETTINGS for k in current if k != "learning_rate")
+    assert differences({"learning_rate": 0.0005}, current) == []
+    assert differences({"learning_rate": 0.0005}, {**current, "scanner_augmentation#ghost_prob": 0.2}) == [
+        "scanner_augmentation#ghost_prob: 0.0 -> 0.2"]
