@@ -66,6 +66,9 @@ ADDED_SETTINGS = {
     "severity_recalibration": "none",
     "covariate_count_levels": 0,
     "train#batch_augmentation#scanner": "@scanner_augmentation",
+    # fits nothing (returns ``()``) unless intensity_normalization is ``histogram``, which came with it
+    "preprocessing_settings#landmarks": "$monai_mtl.transforms.fit_landmarks(@datalists['train'], @intensity_normalization, "
+                                        "@pixdim, @spatial_size)",
 }
 _DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, "
                    "validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, "

@@ -75,7 +75,7 @@ def test_the_network_grid_is_centred_on_the_scan_whatever_its_grid_or_axis_order
 def test_checkpoint_stores_preprocessing_and_network(trained_run):
     metadata = read_run_metadata(trained_run / "model.pt")
     assert metadata["preprocessing"] == {"pixdim": [2.5, 3.0, 8.0], "spatial_size": [64, 64, 16], "axcodes": "RAS",
-                                         "intensity": "zscore"}
+                                         "intensity": "zscore", "landmarks": []}
     assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet" and metadata["network"]["task_blocks"] == 1
     settings = checkpoint_settings(trained_run / "model.pt", spatial_size=[64, 64, 16], pixdim=None)  # equal: accepted
     assert settings["preprocessing"] == Preprocessing()
@@ -232,3 +232,54 @@ def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path
         tested = json.loads((out / f"site_{site}" / "split.json").read_text())["test"]
         assert set(tested) == set(labels.loc[labels["site"] == site, "subject_id"])
     assert {"within_site_cv_accuracy", "within_site_cv_severity_mae", "mae_ratio"} <= set(table.columns)
+
+
+def test_histogram_standardisation_undoes_a_contrast_change_that_the_z_score_keeps():
+    from monai_mtl.artifacts import gamma_contrast
+    from monai_mtl.transforms import HISTOGRAM_PERCENTILES, histogram_landmarks
+
+    image = torch.as_tensor(render_subject(NATIVE, 0)[1])[None]
+    landmarks = histogram_landmarks(image)
+    landmarks = tuple(float(v) for v in (landmarks - landmarks[0]) / (landmarks[-1] - landmarks[0]))
+    assert len(landmarks) == len(HISTOGRAM_PERCENTILES) and landmarks[0] == 0.0 and landmarks[-1] == 1.0
+    tissue = image > 0.3
+    for gamma in (0.8, 1.25):
+        other = torch.as_tensor(gamma_contrast(image.numpy(), gamma))
+        # mean |difference| in the tissue, as a share of the tissue's spread: 0.011-0.013 against 0.14-0.15
+        for intensity, at_most, at_least in (("histogram", 0.03, 0.0), ("zscore", 1.0, 0.1)):
+            prep = Preprocessing(intensity=intensity, landmarks=landmarks if intensity == "histogram" else ())
+            a, b = (prep.normalize_batch(v[None])[0] for v in (image, other))
+            difference = float((a - b)[tissue].abs().mean() / a[tissue].std())
+            assert at_least <= difference <= at_most, (intensity, gamma, difference)
+    # the loader's transform and the batch's are one computation; the scan's median (background) goes to 0
+    prep = Preprocessing(intensity="histogram", landmarks=landmarks)
+    loader = torch.as_tensor(Compose(prep.normalization("image"))({"image": image})["image"])
+    torch.testing.assert_close(loader, prep.normalize_batch(image[None])[0])
+    assert abs(float(loader.median())) < 1e-3 and 0.9 < float(loader.max()) < 1.1
+    with pytest.raises(Exception, match="needs 12 increasing landmarks fitted on the training part"):
+        Preprocessing(intensity="histogram")
+
+
+@pytest.mark.slow
+def test_a_histogram_run_fits_its_landmarks_on_the_training_part_and_inference_uses_them(train_cohort, tmp_path):
+    from monai_mtl.transforms import fit_landmarks
+
+    output = tmp_path / "histogram"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(output), max_epochs=1,
+               batch_size=8, cache_workers=1, intensity_normalization="histogram")
+    stored = Preprocessing.from_dict(read_run_metadata(output / "model.pt")["preprocessing"])
+    train = json.loads((output / "split.json").read_text())["train"]
+    labels = pd.read_csv(train_cohort / "labels.csv").set_index("subject_id")
+    expected = fit_landmarks([{"image": str(train_cohort / labels.loc[i, "image"])} for i in train], "histogram",
+                             stored.pixdim, stored.spatial_size)
+    assert stored.intensity == "histogram" and stored.landmarks == pytest.approx(expected, abs=1e-6)
+    assert stored.landmarks[0] == 0.0 and stored.landmarks[-1] == pytest.approx(1.0)
+    out = tmp_path / "inference"
+    run_bundle("run", INFER_CONFIG, dataset_dir=str(train_cohort / "images"), output_dir=str(out),
+               ckpt_path=str(output / "model.pt"))  # no intensity given: the checkpoint's, with its landmarks
+    predictions = pd.read_csv(out / "predictions.csv")
+    model = CheckpointPredictor(output / "model.pt")
+    assert model.preprocessing == stored
+    records = [{"image": str(train_cohort / p), "response": r, "severity": s, "subject_id": i}
+               for p, r, s, i in zip(labels["image"], labels["response"], labels["severity"], labels.index)]
+    np.testing.assert_allclose(predictions["pred_severity"], model.predict(records)["pred_severity"], atol=1e-4)
