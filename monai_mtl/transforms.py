@@ -50,30 +50,54 @@ INTENSITY_NORMALIZATIONS = ("zscore_minmax", "zscore", "histogram")
 HISTOGRAM_PERCENTILES = (50.0, 75.25, 77.5, 80.0, 82.5, 85.0, 87.5, 90.0, 92.5, 95.0, 97.5, 99.75)
 
 
-def histogram_landmarks(volume: torch.Tensor) -> torch.Tensor:
-    """``volume``'s intensities at :data:`HISTOGRAM_PERCENTILES`, made strictly increasing (a flat stretch of the
-    histogram, e.g. a noise-free background, would divide by 0)."""
-    flat = volume.detach().flatten().float()
-    marks = torch.quantile(flat, torch.tensor(HISTOGRAM_PERCENTILES, device=flat.device) / 100.0)
-    floor = 1e-6 * (float(marks.abs().max()) + 1.0)
-    gaps = torch.clamp(torch.diff(marks), min=floor)
-    return torch.cat([marks[:1], marks[0] + torch.cumsum(gaps, 0)])
+#: bins of the intensity histogram that :func:`histogram_landmarks` reads the percentiles from
+HISTOGRAM_BINS = 4096
 
 
-def standardize_histogram(volume: torch.Tensor, landmarks: Sequence[float]) -> torch.Tensor:
-    """Nyul's standardisation: ``volume``'s :func:`histogram_landmarks` mapped piecewise linearly onto ``landmarks``.
+def histogram_landmarks(images: torch.Tensor) -> torch.Tensor:
+    """``(B, K)``: each volume's intensities at :data:`HISTOGRAM_PERCENTILES`, made strictly increasing (a flat
+    stretch of the histogram, e.g. a noise-free background, would divide by 0). ``images``: ``(B, ...)``.
+
+    Read from a histogram of :data:`HISTOGRAM_BINS` bins between the volume's minimum and maximum, the
+    voxels of a bin taken as spread evenly over it: within a bin's width (1/4096 of the range) of
+    ``torch.quantile``, whose sort took ten times as long on a training batch (115 against 12 ms for 16
+    volumes of 64 x 64 x 16 on one CPU core), and the training computes it for every augmented volume.
+    """
+    flat = images.detach().flatten(1).float()
+    count, voxels = flat.shape
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    width = (high - low).clamp_min(1e-12) / HISTOGRAM_BINS
+    index = ((flat - low) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
+    histogram = torch.zeros(count, HISTOGRAM_BINS, device=flat.device).scatter_add_(1, index, torch.ones_like(flat))
+    cumulative = histogram.cumsum(dim=1)
+    rank = (torch.tensor(HISTOGRAM_PERCENTILES, dtype=torch.float64) / 100.0 * (voxels - 1)).to(flat)
+    rank = rank.expand(count, -1).contiguous()  # the 0-based rank of each percentile, as torch.quantile's
+    bin_ = torch.searchsorted(cumulative, rank, right=True).clamp_(max=HISTOGRAM_BINS - 1)  # first bin past the rank
+    before = torch.where(bin_ > 0, cumulative.gather(1, (bin_ - 1).clamp(min=0)), torch.zeros_like(rank))
+    marks = low + (bin_ + (rank - before + 0.5) / histogram.gather(1, bin_).clamp_min(1.0)) * width
+    floor = 1e-6 * (marks.abs().amax(dim=1, keepdim=True) + 1.0)
+    gaps = torch.maximum(torch.diff(marks, dim=1), floor)
+    return torch.cat([marks[:, :1], marks[:, :1] + torch.cumsum(gaps, dim=1)], dim=1)
+
+
+def standardize_histogram(images: torch.Tensor, landmarks: Sequence[float]) -> torch.Tensor:
+    """Nyul's standardisation of each volume of ``images`` ``(B, ...)``: its :func:`histogram_landmarks` mapped
+    piecewise linearly onto ``landmarks``.
 
     Intensities below the first or above the last landmark follow the end segments' lines. A
     monotone change of the intensities (a scanner's contrast, its gain) moves the scan's landmarks
     with it, and the map moves them back: the same tissue reaches the same value.
     """
-    source = histogram_landmarks(volume).to(volume.device)
-    target = torch.as_tensor(landmarks, dtype=source.dtype, device=volume.device)
-    values = volume.float()
-    segment = torch.bucketize(values, source[1:-1])  # 0 .. K-2: the segment [source[i], source[i + 1]]
-    low, high = source[segment], source[segment + 1]
-    out = target[segment] + (values - low) * (target[segment + 1] - target[segment]) / (high - low)
-    return out.to(volume.dtype)
+    source = histogram_landmarks(images)
+    target = torch.as_tensor(landmarks, dtype=source.dtype, device=source.device)
+    slopes = torch.diff(target) / torch.diff(source, dim=1)  # (B, K - 1)
+    values = images.flatten(1).float()
+    # the first segment's line, bent at each inner landmark by the change of slope: a sum of ramps, elementwise
+    # (a search of each voxel's segment and its gathers took three times as long)
+    out = target[0] + slopes[:, :1] * (values - source[:, :1])
+    for k in range(1, source.shape[1] - 1):
+        out = out + (slopes[:, k : k + 1] - slopes[:, k - 1 : k]) * torch.relu(values - source[:, k : k + 1])
+    return out.view_as(images).to(images.dtype)
 
 
 def fit_landmarks(data: Sequence[Mapping], intensity: str, pixdim: Sequence[float], spatial_size: Sequence[int],
@@ -93,7 +117,7 @@ def fit_landmarks(data: Sequence[Mapping], intensity: str, pixdim: Sequence[floa
     load = Compose(Preprocessing(pixdim=pixdim, spatial_size=spatial_size, axcodes=axcodes).transforms(keys, normalize=False))
     scaled = []
     for item in data:
-        marks = histogram_landmarks(torch.as_tensor(load({keys: item[keys]})[keys]))
+        marks = histogram_landmarks(torch.as_tensor(load({keys: item[keys]})[keys])[None])[0]
         scaled.append((marks - marks[0]) / (marks[-1] - marks[0]))
     landmarks = torch.stack(scaled).double().mean(dim=0)
     logger.info("histogram landmarks fitted on %d training scans: %s", len(data), [round(float(v), 4) for v in landmarks])
@@ -110,7 +134,7 @@ class HistogramStandardized(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = standardize_histogram(d[key], self.landmarks)
+            d[key] = standardize_histogram(d[key][None], self.landmarks)[0]
         return d
 
 
@@ -236,8 +260,8 @@ class Preprocessing:
         transforms applied volume by volume took 2.7 ms each. ``tests/test_augmentation.py`` checks that the
         result is the loader chain's.
         """
-        if self.intensity == "histogram":  # each volume's own percentiles: one at a time
-            return torch.stack([standardize_histogram(volume, self.landmarks) for volume in images])
+        if self.intensity == "histogram":
+            return standardize_histogram(images, self.landmarks)
         flat = images.flatten(1).float()
         shape = (-1,) + (1,) * (images.ndim - 1)
         variance, mean = torch.var_mean(flat, dim=1, unbiased=False)

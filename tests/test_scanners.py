@@ -236,10 +236,12 @@ def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path
 
 def test_histogram_standardisation_undoes_a_contrast_change_that_the_z_score_keeps():
     from monai_mtl.artifacts import gamma_contrast
-    from monai_mtl.transforms import HISTOGRAM_PERCENTILES, histogram_landmarks
+    from monai_mtl.transforms import HISTOGRAM_BINS, HISTOGRAM_PERCENTILES, histogram_landmarks
 
     image = torch.as_tensor(render_subject(NATIVE, 0)[1])[None]
-    landmarks = histogram_landmarks(image)
+    landmarks = histogram_landmarks(image[None])[0]
+    exact = torch.quantile(image.flatten(), torch.tensor(HISTOGRAM_PERCENTILES) / 100)
+    assert float((landmarks - exact).abs().max()) <= float(image.max() - image.min()) / HISTOGRAM_BINS + 1e-6
     landmarks = tuple(float(v) for v in (landmarks - landmarks[0]) / (landmarks[-1] - landmarks[0]))
     assert len(landmarks) == len(HISTOGRAM_PERCENTILES) and landmarks[0] == 0.0 and landmarks[-1] == 1.0
     tissue = image > 0.3
