@@ -177,3 +177,16 @@ def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one
     assert differences({"learning_rate": 0.0005}, current) == []
     assert differences({"learning_rate": 0.0005}, {**current, "scanner_augmentation#ghost_prob": 0.2}) == [
         "scanner_augmentation#ghost_prob: 0.0 -> 0.2"]
+
+
+def test_multisite_config_merges_its_ranges_into_the_robust_presets():
+    from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN_CONFIG, str(BUNDLE_CONFIGS / "multisite.json")])
+    assert parser["intensity_normalization"] == "histogram" and parser["augmentation"] == "robust"
+    scanner = BatchScannerAugmentation.from_settings(parser["scanner_augmentation"])
+    defaults = BatchScannerAugmentation()
+    assert scanner.bias_coeff == (-0.25, 0.25) and scanner.ghost_prob == 0.2 and scanner.rician_std == 0.2
+    assert scanner.gamma == defaults.gamma and scanner.zoom == defaults.zoom  # merged ("+"), the others kept
