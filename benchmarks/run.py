@@ -230,7 +230,7 @@ def bench_augmentation(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             option(batch)
         rates[name] = len(volumes) / (time.perf_counter() - start)
     rows.append(("... with motion ghosting (`scanner_augmentation#ghost_prob` 0.2)",
-                 f"{1083 / rates['ghosting']:.1f} s/epoch", f"{rates['ghosting'] / rates['batch']:.2f}x the z-score's rate"))
+                 f"{1083 / rates['ghosting']:.1f} s/epoch", f"{rates['ghosting'] / rates['batch']:.2f}x the rate without"))
     rows.append(("... with `intensity_normalization` `histogram` instead of the z-score",
                  f"{1083 / rates['histogram']:.1f} s/epoch", f"{rates['histogram'] / rates['batch']:.2f}x the z-score's rate"))
     return rows

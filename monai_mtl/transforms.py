@@ -60,7 +60,7 @@ def histogram_landmarks(images: torch.Tensor) -> torch.Tensor:
 
     Read from a histogram of :data:`HISTOGRAM_BINS` bins between the volume's minimum and maximum, the
     voxels of a bin taken as spread evenly over it: within a bin's width (1/4096 of the range) of
-    ``torch.quantile``, whose sort of every voxel took about ten times as long on a training batch of 16
+    ``torch.quantile``, whose sort of every voxel took eight times as long on a training batch of 16
     volumes of 64 x 64 x 16 (one CPU core), and training computes it for every augmented volume.
     """
     flat = images.detach().flatten(1).float()
