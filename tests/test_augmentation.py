@@ -164,8 +164,10 @@ def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one
     parser.read_config(TRAIN_CONFIG)
     parser["scanner_augmentation"]["ghost_prob"] = 0.25
     parser["scanner_augmentation"]["bias_coeff"] = [-0.2, 0.2]
+    # the training's augmentation gets the key (its preprocessing, resolved too, would read the cohort: a stand-in)
+    parser["preprocessing_settings"] = "$monai_mtl.transforms.Preprocessing()"
     scanner = parser.get_parsed_content("train#batch_augmentation").scanner
-    assert scanner.ghost_prob == 0.25 and scanner.bias_coeff == (-0.2, 0.2)  # the key reaches the training's augmentation
+    assert scanner.ghost_prob == 0.25 and scanner.bias_coeff == (-0.2, 0.2)
     with pytest.raises(ConfigError, match="scanner_augmentation has no setting 'bias_range'"):
         BatchScannerAugmentation.from_settings({"bias_range": [0, 1]})
     with pytest.raises(ConfigError, match="ghost_period"):

@@ -19,12 +19,14 @@ from monai_mtl.networks import build_network
 
 
 def _single_process_scores(checkpoint, cohort, subject_ids):
-    from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose
 
-    parser = ConfigParser()
-    parser.read_config(TRAIN_CONFIG)
-    transform = parser.get_parsed_content("validate#preprocessing")
+    from monai_mtl.transforms import Preprocessing
+
+    # validate#preprocessing is the preprocessing the checkpoint stores (parsing it from train.json would fit it:
+    # its landmarks read the training part of the configured cohort)
+    transform = Compose(Preprocessing.from_dict(read_run_metadata(checkpoint)["preprocessing"]).transforms(severity_key="severity"))
     data = to_datalist(read_labels(cohort / "labels.csv"), subject_ids)
     net = build_network(read_run_metadata(checkpoint)["network"])  # the network the checkpoint says it was trained as
     net.load_state_dict(torch.load(checkpoint, weights_only=True))
