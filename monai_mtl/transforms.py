@@ -46,9 +46,9 @@ INTENSITY_NORMALIZATIONS = ("zscore_minmax", "zscore", "histogram")
 #: part in any scan (34% in the synthetic cohort, CSF included). Nyul's and TorchIO's foreground, the voxels above
 #: the scan's mean, is not kept by a contrast change (the mean moves among partial-volume voxels); a share of the
 #: voxels is, exactly, as any monotone change of the intensities keeps their order. On phantoms with the
-#: contrast and Rician noise of the multi-site cohort's sites, each atlas region's mean moved by 0.013 of the
-#: tissue's spread (0.076 with the z-score; 0.031 with the brightest quarter's deciles and the median, which
-#: left CSF and ventricles between two landmarks; ``docs/experiments.md``).
+#: contrast and Rician noise of the multi-site cohort's sites, each atlas region's mean moved by 0.014 of the
+#: tissue's spread (0.074 with the z-score; 0.032 with the brightest quarter's deciles and the median, which
+#: left CSF and ventricles between two landmarks; ``docs/scripts/histogram_landmark_choice.py``).
 HISTOGRAM_PERCENTILES = (60.4, 64.0, 68.0, 72.0, 76.0, 80.0, 84.0, 88.0, 92.0, 96.0, 99.6)
 #: bins of the intensity histogram that :func:`histogram_landmarks` reads the percentiles from
 HISTOGRAM_BINS = 4096
