@@ -176,6 +176,10 @@ def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one
     current = {**flatten({"scanner_augmentation": BatchScannerAugmentation.default_settings()}),
                "train#batch_augmentation#scanner": "@scanner_augmentation", "learning_rate": 0.0005}
     assert all(k in ADDED_SETTINGS for k in current if k != "learning_rate")
+    # the landmarks expression a run stored before reads as is train.json's own (the z-score fits nothing with it)
+    config = json.loads(open(TRAIN_CONFIG).read())
+    assert ADDED_SETTINGS["preprocessing_settings#landmarks"] == config["preprocessing_settings"]["landmarks"]
+    assert ADDED_SETTINGS["train#batch_augmentation#scanner"] == config["train"]["batch_augmentation"]["scanner"]
     assert differences({"learning_rate": 0.0005}, current) == []
     assert differences({"learning_rate": 0.0005}, {**current, "scanner_augmentation#ghost_prob": 0.2}) == [
         "scanner_augmentation#ghost_prob: 0.0 -> 0.2"]
