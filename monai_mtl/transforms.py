@@ -436,9 +436,7 @@ class BatchScannerAugmentation:
         Raises:
             ConfigError: ``scanner_augmentation has no setting 'bias_range' (known: affine_prob, ...)``.
         """
-        import inspect
-
-        known = [name for name in inspect.signature(cls).parameters]
+        known = cls.default_settings()
         unknown = sorted(set(settings or {}) - set(known))
         if unknown:
             raise ConfigError(f"scanner_augmentation has no setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
