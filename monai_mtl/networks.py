@@ -51,6 +51,26 @@ class TaskAttention(nn.Module):
         return features * self.spatial(features)
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``scale`` backward (0: a stop-gradient)."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def scale_gradient(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """``features`` unchanged, their gradient scaled by ``scale`` (as in gradient-reversal layers, without the sign)."""
+    if scale == 1.0 or not torch.is_grad_enabled():
+        return features
+    return _ScaleGradient.apply(features, scale)
+
+
 #: how non-imaging features enter a task path (:class:`TaskHead`)
 FUSIONS = ("concat", "film")
 
@@ -128,6 +148,10 @@ class DualPathNet(nn.Module):
         covariate_features: width of the covariate embedding shared by both task paths.
         covariate_fusion: how that embedding enters each task path, ``concat`` or ``film``
             (:class:`TaskHead`); without covariates it has no effect.
+        response_encoder_gradient: how much of the response loss's gradient reaches the shared encoder
+            (1: all of it, the paper's multi-task training; 0: the shared encoder learns from the
+            severity alone and the response path from what those features carry, plus its own task
+            blocks and head, which learn in full). The forward pass is the same for every value.
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
@@ -151,6 +175,7 @@ class DualPathNet(nn.Module):
         num_covariates: int = 0,
         covariate_features: int = 16,
         covariate_fusion: str = "concat",
+        response_encoder_gradient: float = 1.0,
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -161,6 +186,11 @@ class DualPathNet(nn.Module):
         if num_covariates:  # recorded only when used, so imaging-only checkpoints keep their stored settings
             self.init_args.update(num_covariates=int(num_covariates), covariate_features=int(covariate_features),
                                   covariate_fusion=covariate_fusion)
+        if response_encoder_gradient != 1.0:  # recorded only when used, like the covariates
+            self.init_args["response_encoder_gradient"] = float(response_encoder_gradient)
+        if not 0.0 <= response_encoder_gradient <= 1.0:
+            raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
+        self.response_encoder_gradient = float(response_encoder_gradient)
         self.num_covariates = int(num_covariates)
         # encoded clinical covariates -> a small embedding, fused into both task paths
         self.covariate_embedding = (nn.Sequential(nn.Linear(num_covariates, covariate_features), nn.ReLU(inplace=True))
@@ -207,7 +237,10 @@ class DualPathNet(nn.Module):
                 raise ConfigError("this network was trained with covariate features: give them "
                                   "(the covariates of the checkpoint's encoding)")
             extra = self.covariate_embedding(covariates.to(features.device, torch.float32))
-        response_logits = self.response_head(features, extra)
+        response_features = features
+        if not torch.jit.is_scripting():  # training only: TorchScript has no autograd.Function, export needs none
+            response_features = scale_gradient(features, self.response_encoder_gradient)
+        response_logits = self.response_head(response_features, extra)
         severity = torch.sigmoid(self.severity_head(features, extra))
         return torch.cat([response_logits, severity], dim=1)
 
