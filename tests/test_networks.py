@@ -25,3 +25,41 @@ def test_task_blocks_give_each_path_its_own_last_block():
 def test_task_blocks_out_of_range(task_blocks):
     with pytest.raises(ValueError, match="task_blocks"):
         DualPathNet(task_blocks=task_blocks)
+
+
+def _response_gradients(net: DualPathNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response logits' gradient on the first shared conv and on the response head's first linear layer."""
+    net.zero_grad()
+    net(x)[:, :3].sum().backward()
+    return net.encoder[0][0].weight.grad.clone(), net.response_head.mlp[2].weight.grad.clone()
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_response_encoder_gradient_scales_only_the_shared_encoders_share(scale):
+    x = torch.rand(2, 1, 64, 64, 16)
+    torch.manual_seed(0)
+    full = DualPathNet().eval()
+    torch.manual_seed(0)
+    scaled = DualPathNet(response_encoder_gradient=scale).eval()
+    assert torch.equal(full(x), scaled(x))  # the forward pass does not change
+    encoder_full, head_full = _response_gradients(full, x)
+    encoder_scaled, head_scaled = _response_gradients(scaled, x)
+    assert encoder_full.abs().sum() > 0
+    torch.testing.assert_close(encoder_scaled, scale * encoder_full)
+    torch.testing.assert_close(head_scaled, head_full)  # the response path itself learns in full
+    # the severity output's gradient reaches the shared encoder in full
+    scaled.zero_grad()
+    scaled(x)[:, 3].sum().backward()
+    assert scaled.encoder[0][0].weight.grad.abs().sum() > 0
+
+
+def test_response_encoder_gradient_is_stored_only_when_used_and_checked():
+    from monai_mtl.networks import build_network, network_config
+
+    assert "response_encoder_gradient" not in network_config(DualPathNet())  # earlier checkpoints read the same
+    config = network_config(DualPathNet(response_encoder_gradient=0.1))
+    assert config["response_encoder_gradient"] == 0.1
+    assert build_network(config).response_encoder_gradient == 0.1
+    with pytest.raises(ValueError, match="response_encoder_gradient"):
+        DualPathNet(response_encoder_gradient=1.5)
+    torch.jit.script(DualPathNet(response_encoder_gradient=0.1).eval())  # the export still scripts it
