@@ -65,6 +65,8 @@ ADDED_SETTINGS = {
     "train#named_handlers#training_state#weight_average": "@weight_average",
     "severity_recalibration": "none",
     "covariate_count_levels": 0,
+    "lr_schedule": "plateau",
+    "network_def#response_encoder_gradient": 1.0,
     "train#batch_augmentation#scanner": "@scanner_augmentation",
     # fits nothing (returns ``()``) unless intensity_normalization is ``histogram``, which came with it
     "preprocessing_settings#landmarks": "$monai_mtl.transforms.fit_landmarks(@datalists['train'], @intensity_normalization, "
@@ -81,7 +83,19 @@ FORMER_SETTINGS = {
     "validate#named_handlers#best_model#network": ("@network", "@validation_network"),
     # before covariate_count_levels (itself compared; 0 = the encoding of then): the same call without that argument
     "datalists": (_DATALISTS_CALL + ")", _DATALISTS_CALL + ", covariate_count_levels=@covariate_count_levels)"),
+    # before lr_schedule (itself compared; ``plateau`` = the behaviour of then): the plateau rule written out
+    "validate#named_handlers#lr_schedule#step_transform": ("$lambda e: e.state.metrics['val_loss']",
+                                                           "$monai_mtl.engines.lr_step_input(@lr_schedule)"),
+    "validate#early_stop#patience": ("@early_stop_patience",
+                                     "$monai_mtl.engines.early_stop_patience(@early_stop_patience, @lr_schedule, @max_epochs)"),
 }
+#: groups of settings an earlier version stored that did what one current setting does (``FORMER_SETTINGS`` for a
+#: config object written out as a dict): ``(stored keys and values, current key, current value)``
+FORMER_GROUPS = (
+    ({"lr_scheduler#_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "lr_scheduler#optimizer": "@optimizer",
+      "lr_scheduler#mode": "min", "lr_scheduler#factor": "@lr_factor", "lr_scheduler#patience": "@lr_patience"},
+     "lr_scheduler", "$monai_mtl.engines.lr_scheduler(@optimizer, @lr_schedule, @max_epochs, @lr_factor, @lr_patience)"),
+)
 #: keyword arguments of ``monai.bundle.run`` / ``create_workflow`` that are not config overrides
 _RUN_ARGUMENTS = frozenset({
     "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
@@ -289,10 +303,13 @@ def differences(stored: Mapping, current: Mapping, limit: int = 6) -> list[str]:
     """``key: old -> new`` for each differing key (``(unset)`` where one side lacks it).
 
     A key of :data:`ADDED_SETTINGS` that ``stored`` lacks and ``current`` has counts as stored with its value there;
-    a value of :data:`FORMER_SETTINGS` counts as the value that replaced it.
+    a value of :data:`FORMER_SETTINGS` (a group of :data:`FORMER_GROUPS`) counts as the value that replaced it.
     """
     stored = {**{k: v for k, v in ADDED_SETTINGS.items() if k in current}, **stored}
     stored.update({k: new for k, (old, new) in FORMER_SETTINGS.items() if stored.get(k) == old and current.get(k) == new})
+    for group, key, value in FORMER_GROUPS:
+        if key not in stored and current.get(key) == value and all(stored.get(k) == v for k, v in group.items()):
+            stored = {**{k: v for k, v in stored.items() if k not in group}, key: value}
     keys = sorted(k for k in set(stored) | set(current) if stored.get(k, "(unset)") != current.get(k, "(unset)"))
     lines = [f"{k}: {json.dumps(stored.get(k, '(unset)'))} -> {json.dumps(current.get(k, '(unset)'))}" for k in keys[:limit]]
     if len(keys) > limit:
@@ -403,7 +420,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "FORMER_GROUPS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings",
 ]
