@@ -16,14 +16,19 @@ from monai_mtl.errors import ConfigError
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa: F401 (split_output: re-exported)
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True) -> nn.Sequential:
+#: ``pooling`` choices of :class:`DualPathNet`'s middle blocks
+POOLINGS = ("max", "avg")
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True,
+                pooling: str = "max") -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm3d(out_channels),
         nn.ReLU(inplace=True),
     ]
     if pool:
-        layers.append(nn.MaxPool3d(kernel_size=2))
+        layers.append(nn.MaxPool3d(kernel_size=2) if pooling == "max" else nn.AvgPool3d(kernel_size=2))
     return nn.Sequential(*layers)
 
 
@@ -152,6 +157,8 @@ class DualPathNet(nn.Module):
             (1: all of it, the paper's multi-task training; 0: the shared encoder learns from the
             severity alone and the response path from what those features carry, plus its own task
             blocks and head, which learn in full). The forward pass is the same for every value.
+        pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN) or ``avg``
+            (keeps sums of intensities over a region, what an atrophy's partial volume changes).
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
@@ -176,6 +183,7 @@ class DualPathNet(nn.Module):
         covariate_features: int = 16,
         covariate_fusion: str = "concat",
         response_encoder_gradient: float = 1.0,
+        pooling: str = "max",
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -186,7 +194,11 @@ class DualPathNet(nn.Module):
         if num_covariates:  # recorded only when used, so imaging-only checkpoints keep their stored settings
             self.init_args.update(num_covariates=int(num_covariates), covariate_features=int(covariate_features),
                                   covariate_fusion=covariate_fusion)
-        if response_encoder_gradient != 1.0:  # recorded only when used, like the covariates
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if pooling != "max":  # recorded only when used, like the covariates
+            self.init_args["pooling"] = pooling
+        if response_encoder_gradient != 1.0:
             self.init_args["response_encoder_gradient"] = float(response_encoder_gradient)
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
@@ -209,7 +221,7 @@ class DualPathNet(nn.Module):
         def blocks(first: int, last: int) -> nn.Sequential:
             # no pooling after the strided stem nor after the last block (the heads pool globally)
             return nn.Sequential(*(
-                _conv_block(widths[i], widths[i + 1], stride=strides[i], pool=0 < i < len(channels) - 1)
+                _conv_block(widths[i], widths[i + 1], stride=strides[i], pool=0 < i < len(channels) - 1, pooling=pooling)
                 for i in range(first, last)
             ))
 

@@ -67,6 +67,7 @@ ADDED_SETTINGS = {
     "covariate_count_levels": 0,
     "lr_schedule": "plateau",
     "network_def#response_encoder_gradient": 1.0,
+    "network_def#pooling": "max",
     "train#batch_augmentation#scanner": "@scanner_augmentation",
     # fits nothing (returns ``()``) unless intensity_normalization is ``histogram``, which came with it
     "preprocessing_settings#landmarks": "$monai_mtl.transforms.fit_landmarks(@datalists['train'], @intensity_normalization, "
