@@ -63,3 +63,16 @@ def test_response_encoder_gradient_is_stored_only_when_used_and_checked():
     with pytest.raises(ValueError, match="response_encoder_gradient"):
         DualPathNet(response_encoder_gradient=1.5)
     torch.jit.script(DualPathNet(response_encoder_gradient=0.1).eval())  # the export still scripts it
+
+
+def test_pooling_choice_is_used_stored_only_when_not_max_and_checked():
+    from monai_mtl.networks import build_network, network_config
+
+    assert "pooling" not in network_config(DualPathNet())
+    net = DualPathNet(pooling="avg")
+    kinds = {type(m).__name__ for m in net.encoder.modules()}
+    assert "AvgPool3d" in kinds and "MaxPool3d" not in kinds
+    rebuilt = build_network(network_config(net))
+    assert network_config(rebuilt)["pooling"] == "avg" and rebuilt(torch.rand(1, 1, 64, 64, 16)).shape == (1, 4)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        DualPathNet(pooling="min")
