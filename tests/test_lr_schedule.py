@@ -29,7 +29,8 @@ class _Engine:
 
 
 def test_plateau_halves_the_rate_on_the_validation_loss_and_stops_early():
-    scheduler, step_input, patience = _parsed(lr_schedule="plateau", lr_factor=0.5, lr_patience=2, early_stop_patience=10)
+    scheduler, step_input, patience = _parsed(lr_schedule="plateau", learning_rate=0.0005, lr_factor=0.5, lr_patience=2,
+                                                  early_stop_patience=10)
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert step_input(_Engine()) == 0.25 and patience == 10
     for _ in range(4):  # no improvement after the first step: halved after lr_patience more
@@ -64,6 +65,7 @@ def test_a_run_stored_before_the_key_reads_as_plateau():
     config = json.loads(open(TRAIN_CONFIG).read())
     current = flatten({k: config[k] for k in ("lr_schedule", "lr_scheduler", "validate")})
     current = {k: v for k, v in current.items() if k.startswith(("lr_s", "validate#named_handlers#lr_schedule", "validate#early_stop"))}
+    current["lr_schedule"] = "plateau"  # the schedule of every run made before the key (train.json's default is cosine)
     (group, key, value), = FORMER_GROUPS
     assert current[key] == value and ADDED_SETTINGS["lr_schedule"] == "plateau"
     stored = {k: v for k, v in current.items() if k not in (key, "lr_schedule")}

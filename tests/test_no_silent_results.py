@@ -50,7 +50,7 @@ def _train(cohort, output, **overrides):
 def test_resume_with_another_learning_rate_or_batch_size_is_refused(run_copy, train_cohort):
     before = (run_copy / "training_state.pt").read_bytes()
     message = _refused(ConfigError, _train, train_cohort, run_copy, max_epochs=4, learning_rate=0.01)
-    assert "learning_rate: 0.0005 -> 0.01" in message and "--resume False" in message
+    assert "learning_rate: 0.002 -> 0.01" in message and "--resume False" in message
     message = _refused(ConfigError, _train, train_cohort, run_copy, max_epochs=4, batch_size=16)
     assert "batch_size: 8 -> 16" in message
     assert (run_copy / "training_state.pt").read_bytes() == before  # nothing trained, nothing overwritten
