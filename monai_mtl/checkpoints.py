@@ -357,7 +357,12 @@ class TrainingStateCheckpoint:
             self.weight_average.ema_model.load_state_dict(state["averaged_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            # a cosine's length is this run's max_epochs, which a continued run may have raised: the stored T_max
+            # would climb back up after it, so the decay goes on from the stored rate to zero at the new end
+            length = getattr(self.lr_scheduler, "T_max", None)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if length is not None:
+                self.lr_scheduler.T_max = length
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])

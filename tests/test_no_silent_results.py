@@ -70,7 +70,10 @@ def test_resume_may_extend_the_epochs(run_copy, train_cohort, caplog):
     with caplog.at_level("INFO"):
         _train(train_cohort, run_copy, max_epochs=3)
     assert "resuming from epoch 2 of 3" in caplog.text
-    assert torch.load(run_copy / "training_state.pt", weights_only=False)["epoch"] == 3
+    state = torch.load(run_copy / "training_state.pt", weights_only=False)
+    assert state["epoch"] == 3
+    # the cosine decay (the default schedule) was stretched to the new length: it ends at zero, not climbing again
+    assert state["lr_scheduler"]["T_max"] == 3 and state["lr_scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
     # the stored settings now say 3 epochs, so cv / baseline see a run of 3 epochs, not a stale 2
     assert json.loads((run_copy / "run_settings.json").read_text())["max_epochs"] == 3
 
@@ -198,7 +201,7 @@ def test_cv_refuses_finished_folds_of_other_settings_and_overwrites_on_request(t
     with pytest.raises(SystemExit) as exit_info:  # (more epochs and nothing else would continue the folds: test_crossval)
         main([*args, "learning_rate=0.001", "--max-epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and "learning_rate: 0.0005 -> 0.001" in err and "--overwrite" in err
+    assert exit_info.value.code == 2 and "learning_rate: 0.002 -> 0.001" in err and "--overwrite" in err
     with pytest.raises(SystemExit):
         main([*args[:2], "3", *args[3:], "--max-epochs", "1"])  # 3 folds into the 2-fold folder
     assert "num_folds: 2 -> 3" in capsys.readouterr().err.strip().splitlines()[-1]
