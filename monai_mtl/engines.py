@@ -142,7 +142,6 @@ def channels_last(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Mo
     return network.to(memory_format=torch.channels_last_3d) if enabled else network
 
 
-__all__: Sequence[str] = ("MultiTaskPrepareBatch", "ImagePrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "channels_last")
 
 
 #: ``lr_schedule`` choices: ``plateau`` (the paper's: halve the rate when the validation loss stalls, stop early when
@@ -180,3 +179,7 @@ def early_stop_patience(patience: int, schedule: str, max_epochs: int) -> int:
     whose length is the schedule's (a stop half-way would end at a high rate)."""
     _check_schedule(schedule)
     return int(patience) if schedule == "plateau" else int(max_epochs) + 1
+
+
+__all__: Sequence[str] = ("MultiTaskPrepareBatch", "ImagePrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "channels_last",
+                         "LR_SCHEDULES", "lr_scheduler", "lr_step_input", "early_stop_patience")
