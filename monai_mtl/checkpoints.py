@@ -9,6 +9,7 @@ renamed over the target only once complete.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import random
@@ -256,6 +257,21 @@ def _random_transforms(dataset: Any) -> list[Randomizable]:
     return found
 
 
+def _stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, length: int) -> None:
+    """A cosine decay continued to a new ``length`` (a finished run given more ``max_epochs``): the rate of the epoch
+    reached on the cosine of the new length, which then goes on to zero at its end.
+
+    The stored ``T_max`` would make the rate climb back up after it, and PyTorch's step rule, which scales the last
+    rate, would keep a finished run's rate of zero forever; so the closed form (PyTorch's own) is set once here.
+    """
+    scheduler.T_max = length
+    progress = (1 + math.cos(math.pi * min(scheduler.last_epoch, length) / length)) / 2
+    rates = [scheduler.eta_min + (base - scheduler.eta_min) * progress for base in scheduler.base_lrs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports, as step() would have set it
+
+
 class TrainingStateCheckpoint:
     """Save everything needed to continue training after each epoch; restore it when the run starts again.
 
@@ -357,12 +373,10 @@ class TrainingStateCheckpoint:
             self.weight_average.ema_model.load_state_dict(state["averaged_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
-            # a cosine's length is this run's max_epochs, which a continued run may have raised: the stored T_max
-            # would climb back up after it, so the decay goes on from the stored rate to zero at the new end
             length = getattr(self.lr_scheduler, "T_max", None)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            if length is not None:
-                self.lr_scheduler.T_max = length
+            if length is not None and length != self.lr_scheduler.T_max:
+                _stretch_cosine(self.lr_scheduler, length)
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])

@@ -26,6 +26,7 @@ from monai_mtl.__main__ import main
 from monai_mtl.cohort import prepare_datalists
 from monai_mtl.images import check_image
 from monai_mtl.errors import CheckpointError, CohortError, ConfigError, OutputError, RunLockError, project_error
+from monai_mtl.evaluation import read_scalars
 from monai_mtl.run_folder import FINISHED_OUTPUTS, LOCK_FILE, SETTINGS_FILE
 
 INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
@@ -72,8 +73,11 @@ def test_resume_may_extend_the_epochs(run_copy, train_cohort, caplog):
     assert "resuming from epoch 2 of 3" in caplog.text
     state = torch.load(run_copy / "training_state.pt", weights_only=False)
     assert state["epoch"] == 3
-    # the cosine decay (the default schedule) was stretched to the new length: it ends at zero, not climbing again
+    # the cosine decay (the default schedule) is stretched to the new length: the finished run's rate of zero goes back
+    # to the new cosine's at epoch 2 (a quarter of the start) for the added epoch, then to zero, not climbing again
     assert state["lr_scheduler"]["T_max"] == 3 and state["lr_scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    rates = [rate for _, rate in read_scalars(run_copy / "tensorboard")["learning_rate"]]
+    assert rates[-1] == pytest.approx(0.25 * 0.002)
     # the stored settings now say 3 epochs, so cv / baseline see a run of 3 epochs, not a stale 2
     assert json.loads((run_copy / "run_settings.json").read_text())["max_epochs"] == 3
 
