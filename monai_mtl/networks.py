@@ -198,10 +198,10 @@ class DualPathNet(nn.Module):
             raise ConfigError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         if pooling != "max":  # recorded only when used, like the covariates
             self.init_args["pooling"] = pooling
-        if response_encoder_gradient != 1.0:
-            self.init_args["response_encoder_gradient"] = float(response_encoder_gradient)
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
+        if response_encoder_gradient != 1.0:
+            self.init_args["response_encoder_gradient"] = float(response_encoder_gradient)
         self.response_encoder_gradient = float(response_encoder_gradient)
         self.num_covariates = int(num_covariates)
         # encoded clinical covariates -> a small embedding, fused into both task paths
