@@ -54,6 +54,7 @@ LOGISTICS = frozenset({
 })
 #: settings added after runs were made, with the value that reproduces what those runs did: a stored
 #: run that lacks one of these keys was made with this value, so it is no difference on resume
+_LANDMARKS_CALL = "$monai_mtl.transforms.fit_landmarks(@datalists['train'], @intensity_normalization, @pixdim, @spatial_size"
 ADDED_SETTINGS = {
     "covariate_fusion": "concat",
     "network_def#covariate_fusion": "@covariate_fusion",
@@ -69,9 +70,10 @@ ADDED_SETTINGS = {
     "network_def#response_encoder_gradient": 1.0,
     "network_def#pooling": "max",
     "train#batch_augmentation#scanner": "@scanner_augmentation",
+    "bias_field_correction": 0,
+    "preprocessing_settings#bias_field_degree": "@bias_field_correction",
     # fits nothing (returns ``()``) unless intensity_normalization is ``histogram``, which came with it
-    "preprocessing_settings#landmarks": "$monai_mtl.transforms.fit_landmarks(@datalists['train'], @intensity_normalization, "
-                                        "@pixdim, @spatial_size)",
+    "preprocessing_settings#landmarks": _LANDMARKS_CALL + ")",
 }
 _DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, "
                    "validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, "
@@ -80,6 +82,8 @@ _DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_di
 #: settings an earlier version stored with another value that did what the current one does: ``key: (stored,
 #: current)``; ``@validation_network`` is ``@network`` unless ``ema_momentum`` (itself compared) is set
 FORMER_SETTINGS = {
+    # before bias_field_correction (itself compared; 0 = the preprocessing of then): the same fit without that argument
+    "preprocessing_settings#landmarks": (_LANDMARKS_CALL + ")", _LANDMARKS_CALL + ", bias_field_degree=@bias_field_correction)"),
     "validate#evaluator#network": ("@network", "@validation_network"),
     "validate#named_handlers#best_model#network": ("@network", "@validation_network"),
     # before covariate_count_levels (itself compared; 0 = the encoding of then): the same call without that argument

@@ -176,9 +176,15 @@ def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one
     current = {**flatten({"scanner_augmentation": BatchScannerAugmentation.default_settings()}),
                "train#batch_augmentation#scanner": "@scanner_augmentation", "learning_rate": 0.0005}
     assert all(k in ADDED_SETTINGS for k in current if k != "learning_rate")
-    # the landmarks expression a run stored before reads as is train.json's own (the z-score fits nothing with it)
+    # the landmarks expression a run stored before reads as train.json's own (the z-score fits nothing with it), and
+    # one stored before bias_field_correction as the same call with the correction (0 then: none)
     config = json.loads(open(TRAIN_CONFIG).read())
-    assert ADDED_SETTINGS["preprocessing_settings#landmarks"] == config["preprocessing_settings"]["landmarks"]
+    landmarks = {"preprocessing_settings#landmarks": config["preprocessing_settings"]["landmarks"],
+                 "preprocessing_settings#bias_field_degree": "@bias_field_correction", "bias_field_correction": 0}
+    assert differences({}, landmarks) == []
+    old_call = landmarks["preprocessing_settings#landmarks"].replace(", bias_field_degree=@bias_field_correction", "")
+    assert differences({"preprocessing_settings#landmarks": old_call}, landmarks) == []
+    assert differences({}, {**landmarks, "bias_field_correction": 2}) == ["bias_field_correction: 0 -> 2"]
     assert ADDED_SETTINGS["train#batch_augmentation#scanner"] == config["train"]["batch_augmentation"]["scanner"]
     assert differences({"learning_rate": 0.0005}, current) == []
     assert differences({"learning_rate": 0.0005}, {**current, "scanner_augmentation#ghost_prob": 0.2}) == [

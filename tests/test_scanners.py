@@ -18,7 +18,7 @@ from monai_mtl.__main__ import main
 from monai_mtl.checkpoints import CheckpointError, checkpoint_settings, read_run_metadata
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.robustness import regrid_subjects
-from monai_mtl.synthetic import CohortConfig, draw_sites, generate_cohort, render_subject
+from monai_mtl.synthetic import ATLAS_LABELS, CohortConfig, draw_sites, generate_cohort, render_atlas, render_subject
 from monai_mtl.transforms import Preprocessing, ResampleToFieldOfViewd, augmentation_transforms, field_of_view_affine
 
 INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
@@ -75,7 +75,7 @@ def test_the_network_grid_is_centred_on_the_scan_whatever_its_grid_or_axis_order
 def test_checkpoint_stores_preprocessing_and_network(trained_run):
     metadata = read_run_metadata(trained_run / "model.pt")
     assert metadata["preprocessing"] == {"pixdim": [2.5, 3.0, 8.0], "spatial_size": [64, 64, 16], "axcodes": "RAS",
-                                         "intensity": "zscore", "landmarks": []}
+                                         "intensity": "zscore", "landmarks": [], "bias_field_degree": 0}
     assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet" and metadata["network"]["task_blocks"] == 1
     settings = checkpoint_settings(trained_run / "model.pt", spatial_size=[64, 64, 16], pixdim=None)  # equal: accepted
     assert settings["preprocessing"] == Preprocessing()
@@ -117,6 +117,9 @@ def test_a_contradicting_override_is_refused_naming_both_values(run_48, train_co
         assert not (tmp_path / key / "predictions.csv").exists()
     with pytest.raises(CheckpointError, match="intensity=zscore_minmax contradicts"):
         checkpoint_settings(run_48 / "model.pt", intensity="zscore_minmax")
+    with pytest.raises(CheckpointError, match="bias_field_degree=2 contradicts .* trained with bias_field_degree=0"):
+        checkpoint_settings(run_48 / "model.pt", bias_field_degree=2)
+    assert checkpoint_settings(run_48 / "model.pt", bias_field_degree=0)["preprocessing"].bias_field_degree == 0
 
 
 def test_evaluation_takes_the_preprocessing_from_the_checkpoint(run_48, train_cohort):
@@ -263,23 +266,64 @@ def test_histogram_standardisation_undoes_a_contrast_change_that_the_z_score_kee
         Preprocessing(intensity="histogram")
 
 
+def test_bias_field_correction_divides_out_a_site_field_and_keeps_the_anatomy():
+    from monai_mtl.artifacts import bias_field, polynomial_terms
+    from monai_mtl.transforms import BiasFieldCorrectiond, correct_bias_field
+
+    image = torch.as_tensor(render_subject(NATIVE, 0)[1])[None]
+    tissue = image[0] > 0.3
+    rng = np.random.default_rng(0)
+    corrected = correct_bias_field(image[None], 2)[0]
+
+    def log_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        """Mean |log a - log b| over the tissue, a common gain removed (the normalisation takes it)."""
+        d = (torch.log(a) - torch.log(b))[0][tissue]
+        return float((d - d.mean()).abs().mean())
+
+    for _ in range(3):  # fields like the multi-site generator's (coefficients of standard deviation 0.05-0.2)
+        field = bias_field(tuple(image.shape[1:]), rng.normal(0.0, 0.15, len(polynomial_terms(tuple(image.shape[1:])))))
+        scanned = image * torch.as_tensor(field)
+        # measured: 0.05-0.10 before, under 0.005 after (the same anatomy's own correction as reference)
+        assert log_gap(scanned, image) > 0.03
+        assert log_gap(correct_bias_field(scanned[None], 2)[0], corrected) < 0.01
+    # the anatomy's steps survive: white over grey matter, and over the hippocampi (the severity's signal), within 5%
+    atlas = torch.as_tensor(render_atlas(NATIVE))
+    for region in ("cortical_grey_matter", "left_hippocampus", "right_hippocampus"):
+        label = next(k for k, v in ATLAS_LABELS.items() if v == region)
+        ratio = [float(v[0][atlas == 3].mean() / v[0][atlas == label].mean()) for v in (image, corrected)]
+        assert ratio[1] == pytest.approx(ratio[0], rel=0.05), region
+    # degree 0 is no correction; the loader's transform and the batch's are one computation; a bad degree is refused
+    assert torch.equal(correct_bias_field(image[None], 0), image[None])
+    prep = Preprocessing(bias_field_degree=2)
+    loader = torch.as_tensor(Compose(prep.normalization("image"))({"image": image})["image"])
+    torch.testing.assert_close(loader, prep.normalize_batch(image[None])[0])
+    assert isinstance(prep.normalization("image")[0], BiasFieldCorrectiond)
+    for bad in (-1, 5, True, 1.5):
+        with pytest.raises(Exception, match="bias_field_correction must be a polynomial degree from 0"):
+            Preprocessing(bias_field_degree=bad)
+
+
 @pytest.mark.slow
 def test_a_histogram_run_fits_its_landmarks_on_the_training_part_and_inference_uses_them(train_cohort, tmp_path):
+    """With a bias-field correction too: it is stored, the landmarks are fitted on corrected scans, inference applies it."""
     from monai_mtl.transforms import fit_landmarks
 
     output = tmp_path / "histogram"
     run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(output), max_epochs=1,
-               batch_size=8, cache_workers=1, intensity_normalization="histogram")
+               batch_size=8, cache_workers=1, intensity_normalization="histogram", bias_field_correction=2)
     stored = Preprocessing.from_dict(read_run_metadata(output / "model.pt")["preprocessing"])
     train = json.loads((output / "split.json").read_text())["train"]
     labels = pd.read_csv(train_cohort / "labels.csv").set_index("subject_id")
     expected = fit_landmarks([{"image": str(train_cohort / labels.loc[i, "image"])} for i in train], "histogram",
-                             stored.pixdim, stored.spatial_size)
-    assert stored.intensity == "histogram" and stored.landmarks == pytest.approx(expected, abs=1e-6)
+                             stored.pixdim, stored.spatial_size, bias_field_degree=2)
+    assert stored.intensity == "histogram" and stored.bias_field_degree == 2
+    assert stored.landmarks == pytest.approx(expected, abs=1e-6)
+    assert stored.landmarks != pytest.approx(fit_landmarks([{"image": str(train_cohort / labels.loc[i, "image"])} for i in train],
+                                                           "histogram", stored.pixdim, stored.spatial_size), abs=1e-4)
     assert stored.landmarks[0] == 0.0 and stored.landmarks[-1] == pytest.approx(1.0)
     out = tmp_path / "inference"
     run_bundle("run", INFER_CONFIG, dataset_dir=str(train_cohort / "images"), output_dir=str(out),
-               ckpt_path=str(output / "model.pt"))  # no intensity given: the checkpoint's, with its landmarks
+               ckpt_path=str(output / "model.pt"))  # nothing given: the checkpoint's normalisation, landmarks, correction
     predictions = pd.read_csv(out / "predictions.csv")
     model = CheckpointPredictor(output / "model.pt")
     assert model.preprocessing == stored
