@@ -198,6 +198,7 @@ def test_multisite_config_merges_its_ranges_into_the_robust_presets():
     parser = ConfigParser()
     parser.read_config([TRAIN_CONFIG, str(BUNDLE_CONFIGS / "multisite.json")])
     assert parser["intensity_normalization"] == "histogram" and parser["augmentation"] == "robust"
+    assert parser["bias_field_correction"] == 2 and parser["preprocessing_settings"]["bias_field_degree"] == "@bias_field_correction"
     scanner = BatchScannerAugmentation.from_settings(parser["scanner_augmentation"])
     defaults = BatchScannerAugmentation()
     assert scanner.bias_coeff == (-0.25, 0.25) and scanner.ghost_prob == 0.2 and scanner.rician_std == 0.2
