@@ -252,7 +252,8 @@ def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--part", choices=("test", "validation"), default="test",
                    help="split part to sweep: validation to compare candidate models, test for the chosen one")
     p.add_argument("--leave-site-out", action="store_true", help="one training per held-out site, and a within-site CV")
-    p.add_argument("--folds", type=int, default=5, help="folds of the within-site cross-validation (--leave-site-out)")
+    p.add_argument("--folds", type=int, default=5,
+                   help="folds of the within-site cross-validation (--leave-site-out; 0: none, the held-out sites only)")
     _add_run_options(p)
     p.set_defaults(func=_run_robustness)
 

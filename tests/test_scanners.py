@@ -220,7 +220,7 @@ def test_regridded_subjects_keep_labels_and_a_trained_model_agrees_across_grids(
 
 
 @pytest.mark.slow
-def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path):
+def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path, capsys):
     cohort = tmp_path / "two_sites"
     generate_cohort(cohort, CohortConfig(num_samples=48, seed=9), workers=2, progress=False, sites=2)
     out = tmp_path / "loso"
@@ -235,6 +235,22 @@ def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path
         tested = json.loads((out / f"site_{site}" / "split.json").read_text())["test"]
         assert set(tested) == set(labels.loc[labels["site"] == site, "subject_id"])
     assert {"within_site_cv_accuracy", "within_site_cv_severity_mae", "mae_ratio"} <= set(table.columns)
+    predicted = pd.read_csv(out / "site_0" / "test_predictions.csv")
+    assert table.loc[0, "held_out_mean_severity_error"] == pytest.approx(
+        (predicted["pred_severity"] - predicted["true_severity"]).mean())
+    # --folds 0: the held-out sites only (finished here, so nothing is trained again), no within-site columns
+    trained = (out / "site_0" / "model.pt").stat().st_mtime_ns
+    assert main(["robustness", "--leave-site-out", "--dataset-dir", str(cohort), "--output-dir", str(out),
+                 "--folds", "0", "--max-epochs", "1", "--override", "batch_size=8", "cache_workers=1",
+                 "spatial_size=[32,32,16]"]) == 0
+    only = pd.read_csv(out / "leave_site_out.csv")
+    assert (out / "site_0" / "model.pt").stat().st_mtime_ns == trained
+    assert list(only.columns) == ["site", "n", "held_out_accuracy", "held_out_severity_mae", "held_out_mean_severity_error"]
+    pd.testing.assert_frame_equal(only, table[only.columns])
+    with pytest.raises(SystemExit) as exit_:
+        main(["robustness", "--leave-site-out", "--dataset-dir", str(cohort), "--output-dir", str(out), "--folds", "1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("folds must be 0 (held-out sites only) or at least 2, got 1")
 
 
 def test_histogram_standardisation_undoes_a_contrast_change_that_the_z_score_keeps():
