@@ -298,6 +298,7 @@ class Preprocessing:
         if isinstance(self.bias_field_degree, bool) or self.bias_field_degree not in range(MAX_BIAS_FIELD_DEGREE + 1):
             raise ConfigError(f"bias_field_correction must be a polynomial degree from 0 (none) to {MAX_BIAS_FIELD_DEGREE}, "
                               f"got {self.bias_field_degree!r}")
+        object.__setattr__(self, "bias_field_degree", int(self.bias_field_degree))  # 2.0 from a config: the basis needs an int
         if self.intensity not in INTENSITY_NORMALIZATIONS:
             raise ConfigError(f"intensity normalisation must be one of {INTENSITY_NORMALIZATIONS}, got {self.intensity!r}")
         if self.intensity == "histogram" and (len(self.landmarks) != len(HISTOGRAM_PERCENTILES)
