@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TRAIN_CONFIG, run_bundle
+from monai.bundle import ConfigParser
+
+from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG, run_bundle
 from monai_mtl.losses import LOSS_WEIGHTINGS, MultiTaskLoss
 
 
@@ -75,3 +77,22 @@ def test_uncertainty_weighting_trains_in_the_bundle_and_its_state_is_saved(train
     assert state["loss"]["log_variances"].abs().min() > 0  # moved from 0 during the epoch
     assert any(group["params"] for group in state["optimizer"]["param_groups"])
     assert state["loss"]["epoch_losses"][0].isfinite().all()  # the handler recorded the epoch's task losses
+
+
+@pytest.mark.parametrize("recipe, weighting", [
+    ((), "uncertainty"),  # the default, chosen by 5-fold CV (docs/experiments.md)
+    (("paper.json",), "fixed"),  # the paper's sum
+    (("multisite.json",), "fixed"),  # the recipes measured with fixed weights keep them
+    (("multimodal.json",), "fixed"),
+])
+def test_each_recipe_builds_its_loss_weighting_and_trains_the_log_variances(recipe, weighting):
+    parser = ConfigParser()
+    parser.read_config([TRAIN_CONFIG, *(str(BUNDLE_CONFIGS / name) for name in recipe)])
+    parser["device"] = "cpu"
+    parser["covariate_encoding"] = None  # the network without reading a cohort's covariates
+    loss = parser.get_parsed_content("loss")
+    assert loss.weighting == weighting
+    # the optimizer gets the learned log-variances beside the network's weights (none with fixed weights)
+    optimized = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
+    assert {id(p) for p in loss.parameters()} <= optimized
+    assert len(list(loss.parameters())) == (1 if weighting == "uncertainty" else 0)
