@@ -85,7 +85,7 @@ def test_uncertainty_weighting_trains_in_the_bundle_and_its_state_is_saved(train
     (("multisite.json",), "fixed"),  # the recipes measured with fixed weights keep them
     (("multimodal.json",), "fixed"),
 ])
-def test_each_recipe_builds_its_loss_weighting_and_trains_the_log_variances(recipe, weighting):
+def test_each_recipe_builds_its_loss_weighting_and_optimizes_its_log_variances(recipe, weighting):
     parser = ConfigParser()
     parser.read_config([TRAIN_CONFIG, *(str(BUNDLE_CONFIGS / name) for name in recipe)])
     parser["device"] = "cpu"
