@@ -452,6 +452,13 @@ def _legendre_basis(shape: tuple[int, ...], degree: int) -> torch.Tensor:
     return torch.as_tensor(np.stack(terms), dtype=torch.float32)
 
 
+#: how the ``robust`` preset's simulated lower resolution samples the coarser grid (MONAI ``RandSimulateLowResolution``'s
+#: ``downsample_mode``): ``nearest``, MONAI's default, picks one voxel of the fine grid per coarse voxel, up to half a
+#: fine voxel away from the coarse voxel's centre; ``area`` averages the fine voxels a coarse voxel covers, as a
+#: scanner's voxel integrates the signal over its volume; ``trilinear`` samples at the coarse voxels' centres
+DOWNSAMPLE_MODES = ("nearest", "area", "trilinear")
+
+
 class BatchScannerAugmentation:
     """The ``robust`` preset's scanner artifacts, drawn per volume but computed on the whole batch at once.
 
@@ -475,7 +482,7 @@ class BatchScannerAugmentation:
         gibbs_prob: float = 0.2, gibbs_alpha: tuple[float, float] = (0.0, 0.4),
         rician_prob: float = 0.2, rician_std: float = 0.1,
         smooth_prob: float = 0.2, sigma: Sequence[tuple[float, float]] = ((0.25, 0.8), (0.25, 0.8), (0.1, 0.4)),
-        low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9),
+        low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9), downsample_mode: str = "nearest",
         affine_prob: float = 0.15, rotate: float = np.pi / 60, scale: float = 0.03,
         translate: tuple[float, float, float] = (2.0, 2.0, 1.0),
         ghost_prob: float = 0.0, ghost_strength: tuple[float, float] = (0.0, 0.3),
@@ -487,6 +494,9 @@ class BatchScannerAugmentation:
         self.rician_prob, self.rician_std = rician_prob, rician_std
         self.smooth_prob, self.sigma = smooth_prob, tuple(sigma)
         self.low_resolution_prob, self.zoom = low_resolution_prob, zoom
+        if downsample_mode not in DOWNSAMPLE_MODES:
+            raise ConfigError(f"scanner_augmentation downsample_mode must be one of {DOWNSAMPLE_MODES}, got {downsample_mode!r}")
+        self.downsample_mode = downsample_mode
         self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, tuple(translate)
         self.ghost_prob, self.ghost_strength = ghost_prob, tuple(ghost_strength)
         self.ghost_period, self.ghost_axes = tuple(int(p) for p in ghost_period), tuple(int(a) for a in ghost_axes)
@@ -587,11 +597,13 @@ class BatchScannerAugmentation:
         return out.view_as(images)
 
     @staticmethod
-    def low_resolution(image: torch.Tensor, zoom: float) -> torch.Tensor:
-        """MONAI ``RandSimulateLowResolution`` of one ``(1, C, ...)`` volume: nearest down to ``zoom``, trilinear back up."""
+    def low_resolution(image: torch.Tensor, zoom: float, downsample_mode: str = "nearest") -> torch.Tensor:
+        """MONAI ``RandSimulateLowResolution`` of one ``(1, C, ...)`` volume: down to ``zoom`` by ``downsample_mode``
+        (its ``downsample_mode``, ``align_corners=False`` where it applies), trilinear back up."""
         shape = image.shape[2:]
+        align_corners = False if downsample_mode == "trilinear" else None
         small = torch.nn.functional.interpolate(image, size=tuple(max(1, int(np.round(s * zoom))) for s in shape),
-                                                mode="nearest")
+                                                mode=downsample_mode, align_corners=align_corners)
         return torch.nn.functional.interpolate(small, size=tuple(shape), mode="trilinear", align_corners=False)
 
     @staticmethod
@@ -665,7 +677,8 @@ class BatchScannerAugmentation:
             sigmas = torch.stack([torch.empty(len(chosen)).uniform_(low, high) for low, high in self.sigma], dim=1)
             images[chosen] = self.smooth(images[chosen], sigmas)
         for i in self._chosen(images, self.low_resolution_prob).tolist():
-            images[i : i + 1] = self.low_resolution(images[i : i + 1], float(torch.empty(1).uniform_(*self.zoom)))
+            zoom = float(torch.empty(1).uniform_(*self.zoom))
+            images[i : i + 1] = self.low_resolution(images[i : i + 1], zoom, self.downsample_mode)
         chosen = self._chosen(images, self.affine_prob)
         if len(chosen):
             images[chosen] = self.affine(images[chosen], self.affine_matrices(len(chosen)).to(images.device))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from monai.transforms import AdjustContrast, Affine, GibbsNoise, RandBiasField, RandRicianNoise, RandSimulateLowResolution
 
-from monai_mtl.transforms import BatchScannerAugmentation
+from monai_mtl.errors import ConfigError
+from monai_mtl.transforms import DOWNSAMPLE_MODES, BatchScannerAugmentation
 
 SHAPE = (24, 20, 8)
 
@@ -40,11 +41,20 @@ def test_contrast_and_gibbs_are_monais():
     torch.testing.assert_close(gibbs[0], images[0], rtol=1e-4, atol=1e-5)  # alpha 0 keeps all of k-space
 
 
+@pytest.mark.parametrize("mode", DOWNSAMPLE_MODES)
 @pytest.mark.parametrize("zoom", [0.5, 0.7, 0.9])
-def test_low_resolution_is_monais(zoom):
+def test_low_resolution_is_monais(zoom, mode):
     image = _volumes(1)
-    monai = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom))
-    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(image, zoom)[0], torch.as_tensor(monai(image[0])))
+    monai = RandSimulateLowResolution(prob=1.0, zoom_range=(zoom, zoom), downsample_mode=mode)
+    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(image, zoom, mode)[0], torch.as_tensor(monai(image[0])))
+
+
+def test_area_downsampling_keeps_a_uniform_region_and_refuses_an_unknown_mode():
+    # a scanner's voxel averages what it covers: a uniform volume stays uniform, unlike a blur with zero padding
+    flat = torch.full((1, 1, 16, 16, 8), 0.7)
+    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(flat, 0.6, "area"), flat)
+    with pytest.raises(ConfigError, match="downsample_mode must be one of"):
+        BatchScannerAugmentation(downsample_mode="bicubic")
 
 
 def test_affine_is_monais():
@@ -155,7 +165,6 @@ def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one
     from conftest import TRAIN_CONFIG
     from monai.bundle import ConfigParser
 
-    from monai_mtl.errors import ConfigError
     from monai_mtl.run_folder import ADDED_SETTINGS, differences, flatten
 
     settings = json.loads(open(TRAIN_CONFIG).read())["scanner_augmentation"]
