@@ -212,3 +212,20 @@ def test_multisite_config_merges_its_ranges_into_the_robust_presets():
     defaults = BatchScannerAugmentation()
     assert scanner.bias_coeff == (-0.25, 0.25) and scanner.ghost_prob == 0.2 and scanner.rician_std == 0.2
     assert scanner.gamma == defaults.gamma and scanner.zoom == defaults.zoom  # merged ("+"), the others kept
+
+
+@pytest.mark.parametrize("recipe, mode", [
+    ((), "area"),  # the default, chosen on the grids of five CV models' validation parts (docs/experiments.md)
+    (("multisite.json",), "nearest"),  # the recipes whose figures were made with MONAI's nearest keep it
+    (("multimodal.json",), "nearest"),
+    (("paper.json",), None),  # augmentation paper: no scanner artifacts, the paper's noise and shift only
+])
+def test_each_recipe_simulates_a_coarser_grid_its_way(recipe, mode):
+    from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN_CONFIG, *(str(BUNDLE_CONFIGS / name) for name in recipe)])
+    parser["preprocessing_settings"] = "$monai_mtl.transforms.Preprocessing()"  # a stand-in: the real one reads the cohort
+    scanner = parser.get_parsed_content("train#batch_augmentation").scanner
+    assert (scanner.downsample_mode if scanner else None) == mode
