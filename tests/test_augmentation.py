@@ -49,10 +49,13 @@ def test_low_resolution_is_monais(zoom, mode):
     torch.testing.assert_close(BatchScannerAugmentation.low_resolution(image, zoom, mode)[0], torch.as_tensor(monai(image[0])))
 
 
-def test_area_downsampling_keeps_a_uniform_region_and_refuses_an_unknown_mode():
-    # a scanner's voxel averages what it covers: a uniform volume stays uniform, unlike a blur with zero padding
-    flat = torch.full((1, 1, 16, 16, 8), 0.7)
-    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(flat, 0.6, "area"), flat)
+def test_area_downsampling_averages_what_a_coarse_voxel_covers_and_refuses_an_unknown_mode():
+    # stripes one fine voxel wide, 0 and 1: a coarse voxel twice as wide covers one of each. A scanner's voxel (area)
+    # sees their mean; nearest keeps one stripe of each pair, the contrast intact, as no scanner does
+    stripes = (torch.arange(16) % 2).float().view(1, 1, 16, 1, 1).expand(1, 1, 16, 16, 8).contiguous()
+    torch.testing.assert_close(BatchScannerAugmentation.low_resolution(stripes, 0.5, "area"), torch.full_like(stripes, 0.5))
+    nearest = BatchScannerAugmentation.low_resolution(stripes, 0.5, "nearest")
+    assert float(nearest.min()) == float(nearest.max()) and float(nearest.max()) in (0.0, 1.0)
     with pytest.raises(ConfigError, match="downsample_mode must be one of"):
         BatchScannerAugmentation(downsample_mode="bicubic")
 
