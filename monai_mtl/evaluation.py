@@ -125,6 +125,18 @@ class CheckpointPredictor:
 
     def predict(self, datalist: list[dict], acquisition=()) -> pd.DataFrame:
         """:func:`predict` of a labelled datalist through the checkpoint's preprocessing (after ``acquisition`` transforms)."""
+        return predict(self._evaluator(datalist, acquisition), self.trust)
+
+    def adapt_batchnorm(self, datalist: list[dict], acquisition=(), **options) -> int:
+        """Move the network's batch-norm statistics to those of ``datalist``'s scans (:func:`~monai_mtl.adaptation.
+        adapt_batchnorm`, ``options``: its ``min_scans`` and ``weight``); the scans used. Later :meth:`predict` calls
+        use the adapted network."""
+        from monai_mtl.adaptation import adapt_batchnorm, engine_batches
+
+        batches = engine_batches(self._evaluator(datalist, acquisition))
+        return adapt_batchnorm(self.network, batches, source=f"{len(datalist)} listed scans", **options)
+
+    def _evaluator(self, datalist: list[dict], acquisition=()) -> Engine:
         from monai.data import DataLoader, Dataset
         from monai.transforms import Compose
 
@@ -132,8 +144,7 @@ class CheckpointPredictor:
 
         transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
         loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
-        evaluator = MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
-        return predict(evaluator, self.trust)
+        return MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
 
 
 def report_from_predictions(table: pd.DataFrame) -> dict:
