@@ -245,8 +245,16 @@ def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path
                  "spatial_size=[32,32,16]"]) == 0
     only = pd.read_csv(out / "leave_site_out.csv")
     assert (out / "site_0" / "model.pt").stat().st_mtime_ns == trained
-    assert list(only.columns) == ["site", "n", "held_out_accuracy", "held_out_severity_mae", "held_out_mean_severity_error"]
+    adapted = ["held_out_adapted_accuracy", "held_out_adapted_severity_mae", "held_out_adapted_mean_severity_error"]
+    assert list(only.columns) == ["site", "n", "held_out_accuracy", "held_out_severity_mae", "held_out_mean_severity_error",
+                                  *adapted]
     pd.testing.assert_frame_equal(only, table[only.columns])
+    # each site's model adapted to the site's own scans (25 and 23: at least the 20 the adaptation needs), then
+    # predicted again: other statistics, other severities
+    assert table["n"].min() >= 20
+    for row in table.itertuples():
+        assert 0.0 <= row.held_out_adapted_accuracy <= 1.0
+        assert row.held_out_adapted_severity_mae > 0 and row.held_out_adapted_severity_mae != row.held_out_severity_mae
     with pytest.raises(SystemExit) as exit_:
         main(["robustness", "--leave-site-out", "--dataset-dir", str(cohort), "--output-dir", str(out), "--folds", "1"])
     assert exit_.value.code == 2
