@@ -60,7 +60,7 @@ def adapt_batchnorm(network: nn.Module, batches: Iterable[tuple[torch.Tensor, di
 
     Raises:
         ConfigError: ``network`` has no batch-norm layer, or ``batches`` hold fewer than ``min_scans`` scans
-            (the statistics are left as they were).
+            (the statistics are left as they were, as on any error during the pass).
     """
     if not 0.0 < float(weight) <= 1.0:
         raise ConfigError(f"adapt_batchnorm_weight must be in (0, 1] (the new scanner's share of the statistics), got {weight!r}")
@@ -81,17 +81,19 @@ def adapt_batchnorm(network: nn.Module, batches: Iterable[tuple[torch.Tensor, di
                 if len(images):
                     network(images, **kwargs)
                     scans += len(images)
-    finally:
-        network.train(was_training)
-        for m, (_, _, _, momentum) in zip(layers, saved):
-            m.momentum = momentum
-    if scans < min_scans:
+        if scans < min_scans:
+            raise ConfigError(f"adapt_batchnorm needs at least {min_scans} usable scans of one scanner "
+                              f"(adapt_batchnorm_min_scans), {source} has {scans}: predict without it, or add scans")
+    except BaseException:  # too few scans, or a failure mid-pass: the statistics as they were, never half-made
         for m, (mean, var, tracked, _) in zip(layers, saved):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(tracked)
-        raise ConfigError(f"adapt_batchnorm needs at least {min_scans} usable scans of one scanner "
-                          f"(adapt_batchnorm_min_scans), {source} has {scans}: predict without it, or add scans")
+        raise
+    finally:
+        network.train(was_training)
+        for m, (_, _, _, momentum) in zip(layers, saved):
+            m.momentum = momentum
     for m, (mean, var, _, _) in zip(layers, saved):
         m.running_mean.mul_(weight).add_(mean, alpha=1.0 - weight)
         m.running_var.mul_(weight).add_(var, alpha=1.0 - weight)

@@ -85,6 +85,15 @@ def test_too_few_scans_are_refused_and_leave_the_statistics_as_they_were():
     assert torch.equal(net.norm.running_mean, mean) and torch.equal(net.norm.running_var, var)
     assert torch.equal(net.norm.num_batches_tracked, tracked)
 
+    def failing():  # a scan that breaks the pass after the first batch: nothing half-made either
+        yield _batches(seed=3, n=1)[0]
+        raise OSError("unreadable scan")
+
+    with pytest.raises(OSError, match="unreadable scan"):
+        adapt_batchnorm(net, failing(), min_scans=1)
+    assert torch.equal(net.norm.running_mean, mean) and torch.equal(net.norm.running_var, var)
+    assert net.norm.momentum == 0.1 and net.training and net.norm.training  # its mode before the call (training)
+
 
 @pytest.mark.parametrize("weight", [0.0, -0.5, 1.5])
 def test_a_weight_outside_its_range_is_refused(weight):
@@ -92,6 +101,11 @@ def test_a_weight_outside_its_range_is_refused(weight):
         adapt_batchnorm(_Net(), _batches(), weight=weight)
     with pytest.raises(ConfigError, match="adapt_batchnorm_weight"):
         BatchNormAdaptation("out", enabled=True, weight=weight)
+
+
+def test_the_switch_is_a_boolean():
+    with pytest.raises(ConfigError, match="adapt_batchnorm must be true or false, got 'yes'"):
+        BatchNormAdaptation("out", enabled="yes")
 
 
 def test_a_network_without_batch_norm_is_refused():
