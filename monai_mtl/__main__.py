@@ -251,6 +251,9 @@ def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random artifacts")
     p.add_argument("--part", choices=("test", "validation"), default="test",
                    help="split part to sweep: validation to compare candidate models, test for the chosen one")
+    p.add_argument("--adapt-batchnorm", action="store_true",
+                   help="also predict each row after moving the batch-norm statistics to those of its scans (as inference's "
+                        "--adapt_batchnorm True): adapted_accuracy, adapted_severity_mae (twice the time)")
     p.add_argument("--leave-site-out", action="store_true", help="one training per held-out site, and a within-site CV")
     p.add_argument("--folds", type=int, default=5,
                    help="folds of the within-site cross-validation (--leave-site-out; 0: none, the held-out sites only)")
@@ -269,7 +272,7 @@ def _run_robustness(args: argparse.Namespace) -> int:
         grids = DEFAULT_GRIDS if args.grids is None else [_grid(g) for g in args.grids]
         default_dir = f"{args.run}/robustness" + ("" if args.part == "test" else f"_{args.part}")
         artifact_sweep(args.run, args.dataset_dir, args.output_dir or default_dir, strengths, grids, args.seed,
-                       part=args.part)
+                       part=args.part, adapt_batchnorm=args.adapt_batchnorm)
     if args.leave_site_out:
         leave_site_out(args.dataset_dir, args.output_dir or "runs/leave_site_out", args.config_file or [DEFAULT_CONFIG],
                        _overrides(args), args.folds, args.overwrite, jobs=args.jobs)

@@ -344,7 +344,8 @@ ROBUSTNESS_RUNS = (("`paper` preset", "runs/paper_preset"), ("default (`robust`)
 
 def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS,
                      compact: bool = False) -> str | None:
-    """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``).
+    """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``),
+    and one more for a run swept with ``--adapt-batchnorm``.
 
     ``compact`` keeps the clean row, the middle strength of each artifact and every grid (the README's).
     """
@@ -354,6 +355,9 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
         if path.is_file():
             table = pd.read_csv(path, dtype={"strength": str}, keep_default_na=False)
             tables[label] = {(r.kind, r.strength): _percent_and_mae(r.accuracy, r.severity_mae) for r in table.itertuples()}
+            if "adapted_accuracy" in table.columns:  # swept with --adapt-batchnorm: its own column beside the run's
+                tables[f"{label}, adapted"] = {(r.kind, r.strength): _percent_and_mae(r.adapted_accuracy, r.adapted_severity_mae)
+                                               for r in table.itertuples()}
     if not tables:
         return None
     keys = list(dict.fromkeys(k for cells in tables.values() for k in cells))

@@ -33,6 +33,7 @@ from monai.transforms import MapTransform
 
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_cohort, to_datalist
+from monai_mtl.errors import ConfigError
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock
@@ -150,6 +151,8 @@ def artifact_sweep(
     seed: int = 0,
     device: str | torch.device = "cpu",
     part: str = "test",
+    adapt_batchnorm: bool = False,
+    adapt_min_scans: int | None = None,
 ) -> pd.DataFrame:
     """Accuracy and severity MAE of a run's best checkpoint on its test part, clean and degraded.
 
@@ -160,7 +163,13 @@ def artifact_sweep(
     ``clean`` row first) and ``robustness.png`` into ``output_dir``. With a synthetic single-site
     cohort, ``grids`` adds one ``grid`` row per grid (``strength`` like ``80x72x24``), the test
     subjects re-rendered there.
+
+    ``adapt_batchnorm``: each row also predicted after the checkpoint's batch-norm statistics were moved to those
+    of that row's scans (:mod:`monai_mtl.adaptation`, the stored statistics again for the next row), in
+    ``adapted_accuracy`` and ``adapted_severity_mae``: what inference's ``adapt_batchnorm`` gives a folder of
+    scans that all carry one artifact. The part needs ``adapt_min_scans`` scans (default: inference's 20).
     """
+    from monai_mtl.adaptation import DEFAULT_MIN_SCANS
     from monai_mtl.checkpoints import check_no_leakage
     from monai_mtl.figures import robustness_figure
 
@@ -174,26 +183,41 @@ def artifact_sweep(
     checkpoint = run_dir / "model.pt"
     if part == "test":
         check_no_leakage(checkpoint, subject_ids)
+    min_scans = DEFAULT_MIN_SCANS if adapt_min_scans is None else adapt_min_scans
+    if adapt_batchnorm and len(subject_ids) < min_scans:
+        raise ConfigError(f"--adapt-batchnorm needs at least {min_scans} scans, {run_dir}'s {part} part has {len(subject_ids)}")
     with RunLock(output_dir):
         model = CheckpointPredictor(checkpoint, device)
         datalist = to_datalist(read_cohort(dataset_dir), subject_ids)
-        rows = [_metrics_row(model.predict(datalist), kind="clean", strength="")]
+
+        def _row(records: list[dict], acquisition=(), **columns) -> dict:
+            row = _metrics_row(model.predict(records, acquisition), **columns)
+            if adapt_batchnorm:
+                stored = {k: v.clone() for k, v in model.network.state_dict().items()}
+                model.adapt_batchnorm(records, acquisition, min_scans=min_scans)
+                adapted = _metrics_row(model.predict(records, acquisition))
+                model.network.load_state_dict(stored)
+                row.update(adapted_accuracy=adapted["accuracy"], adapted_severity_mae=adapted["severity_mae"])
+            return row
+
+        rows = [_row(datalist, kind="clean", strength="")]
         logger.info("robustness: clean %s part: accuracy %.4f, MAE %.2f", part, rows[0]["accuracy"], rows[0]["severity_mae"])
         for kind, values in (DEFAULT_STRENGTHS if strengths is None else strengths).items():
             for strength in values:
-                row = _metrics_row(model.predict(datalist, [ArtifactScand(kind, strength, seed)]), kind=kind, strength=f"{strength:g}")
+                row = _row(datalist, [ArtifactScand(kind, strength, seed)], kind=kind, strength=f"{strength:g}")
                 logger.info("robustness: %s %g: accuracy %.4f, MAE %.2f", kind, strength, row["accuracy"], row["severity_mae"])
                 rows.append(row)
         if grids and (Path(dataset_dir) / "cohort.json").is_file():
             with tempfile.TemporaryDirectory(prefix="regrid-") as tmp:
                 for shape in grids:
                     records = regrid_subjects(dataset_dir, subject_ids, shape, Path(tmp) / "x".join(map(str, shape)))
-                    row = _metrics_row(model.predict(records), kind="grid", strength="x".join(map(str, shape)))
+                    row = _row(records, kind="grid", strength="x".join(map(str, shape)))
                     logger.info("robustness: grid %s: accuracy %.4f, MAE %.2f", row["strength"], row["accuracy"], row["severity_mae"])
                     rows.append(row)
         elif grids:
             logger.info("robustness: no cohort.json in %s (not a synthetic cohort): no grid rows", dataset_dir)
-        table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae"])
+        table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae",
+                                            *(["adapted_accuracy", "adapted_severity_mae"] if adapt_batchnorm else [])])
         output_dir.mkdir(parents=True, exist_ok=True)
         robustness_figure(table, output_dir / "robustness.png")
         atomic_write_csv(output_dir / "robustness.csv", table)

@@ -93,6 +93,15 @@ def test_robustness_and_leave_site_out_blocks(tmp_path):
     assert "| grid | 80x72x24 | 50.0% / 4.25 | 99.0% / 4.25 |" in text and "| clean | — | 100.0% / 3.00 | 100.0% / 3.00 |" in text
     assert "| 0 | 5 | 80.0% / 6.00 | 100.0% / 3.00 | 2.00 |" in text
     assert text.count("\nold\n") == 1 and text.startswith("<!-- results:start -->\nold\n")  # no runs/train: kept
+    # the default model swept again with --adapt-batchnorm: its adapted figures get a column of their own
+    pd.DataFrame({"kind": ["clean", "grid"], "strength": ["", "80x72x24"], "n": [9, 9], "accuracy": [1.0, 0.99],
+                  "severity_mae": [3.0, 4.25], "adapted_accuracy": [1.0, 1.0], "adapted_severity_mae": [3.5, 3.25]}
+                 ).to_csv(runs / "train" / "robustness" / "robustness.csv", index=False)
+    assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "t.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| artifact | strength | `paper` preset: accuracy / MAE | default (`robust`): accuracy / MAE | " \
+           "default (`robust`), adapted: accuracy / MAE |" in text
+    assert "| grid | 80x72x24 | 50.0% / 4.25 | 99.0% / 4.25 | 100.0% / 3.25 |" in text
 
 
 def test_leave_site_out_block_adds_the_adapted_column_and_keeps_the_columns_of_runs_made_elsewhere(tmp_path):

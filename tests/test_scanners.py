@@ -209,6 +209,28 @@ def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohor
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_sweep_with_adaptation_adds_the_adapted_figures_and_leaves_the_plain_ones_alone(trained_run, train_cohort,
+                                                                                           tmp_path, capsys):
+    """Each row adapted to its own scans, the stored statistics back before the next row: the plain columns equal a
+    sweep without adaptation; the adapted ones differ. Too few scans in the part for the CLI's 20: one clear line."""
+    from monai_mtl.robustness import artifact_sweep
+
+    kinds = {"noise": (0.05,), "contrast": (1.5,)}
+    plain = artifact_sweep(trained_run, train_cohort, tmp_path / "plain", kinds, None)
+    adapted = artifact_sweep(trained_run, train_cohort, tmp_path / "adapted", kinds, None, adapt_batchnorm=True,
+                             adapt_min_scans=2)
+    assert list(adapted.columns) == [*plain.columns, "adapted_accuracy", "adapted_severity_mae"]
+    pd.testing.assert_frame_equal(adapted[plain.columns], plain)
+    assert (adapted["adapted_severity_mae"] != adapted["severity_mae"]).all()
+    n_test = len(json.loads((trained_run / "split.json").read_text())["test"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["robustness", "--run", str(trained_run), "--dataset-dir", str(train_cohort), "--output-dir",
+              str(tmp_path / "cli"), "--kinds", "noise", "--grids", "--adapt-batchnorm"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--adapt-batchnorm needs at least 20 scans, {trained_run}'s test part has {n_test}")
+
+
 def test_regridded_subjects_keep_labels_and_a_trained_model_agrees_across_grids(trained_run, train_cohort, tmp_path):
     split = json.loads((trained_run / "split.json").read_text())
     model = CheckpointPredictor(trained_run / "model.pt")
