@@ -198,6 +198,8 @@ def artifact_sweep(
                 adapted = _metrics_row(model.predict(records, acquisition))
                 model.network.load_state_dict(stored)
                 row.update(adapted_accuracy=adapted["accuracy"], adapted_severity_mae=adapted["severity_mae"])
+                logger.info("robustness: %s %s adapted: accuracy %.4f, MAE %.2f", columns["kind"], columns["strength"] or "",
+                            adapted["accuracy"], adapted["severity_mae"])
             return row
 
         rows = [_row(datalist, kind="clean", strength="")]
