@@ -5,7 +5,7 @@ with another contrast, resolution or noise moves the features those layers see, 
 them shifted: on a held-out site the severity moves by several points in one direction. Re-estimating the
 statistics on scans of the new scanner, without their labels, moves the features back (Li et al. 2016,
 "Revisiting batch normalization for practical domain adaptation"). What it did on held-out sites:
-docs/experiments.md, "Batch-norm statistics of the new scanner".
+docs/experiments.md, "`area` on the held-out sites, and the batch-norm statistics of the new scanner".
 
 What it asks of the user: enough scans of one scanner (``min_scans``) read before predicting, all of them from
 that scanner (a mixed folder gets the mixture's statistics). What it changes beyond the predictions: the
@@ -45,6 +45,11 @@ def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
     return [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def _check_weight(weight: float) -> None:
+    if not 0.0 < float(weight) <= 1.0:
+        raise ConfigError(f"adapt_batchnorm_weight must be in (0, 1] (the new scanner's share of the statistics), got {weight!r}")
+
+
 def adapt_batchnorm(network: nn.Module, batches: Iterable[tuple[torch.Tensor, dict[str, Any]]],
                     min_scans: int = DEFAULT_MIN_SCANS, source: str = "the input", weight: float = DEFAULT_WEIGHT) -> int:
     """Move ``network``'s batch-norm running statistics to their average over ``batches``; the scans used.
@@ -62,8 +67,7 @@ def adapt_batchnorm(network: nn.Module, batches: Iterable[tuple[torch.Tensor, di
         ConfigError: ``network`` has no batch-norm layer, or ``batches`` hold fewer than ``min_scans`` scans
             (the statistics are left as they were, as on any error during the pass).
     """
-    if not 0.0 < float(weight) <= 1.0:
-        raise ConfigError(f"adapt_batchnorm_weight must be in (0, 1] (the new scanner's share of the statistics), got {weight!r}")
+    _check_weight(weight)
     layers = batchnorm_layers(network)
     if not layers:
         raise ConfigError(f"adapt_batchnorm: {type(network).__name__} has no batch-norm layer to adapt")
@@ -122,9 +126,8 @@ class BatchNormAdaptation:
             raise ConfigError(f"adapt_batchnorm must be true or false, got {enabled!r}")
         if int(min_scans) < 2:
             raise ConfigError(f"adapt_batchnorm_min_scans must be 2 or more, got {min_scans!r}")
+        _check_weight(weight)
         self.record = Path(output_dir) / ADAPTATION_FILE
-        if not 0.0 < float(weight) <= 1.0:
-            raise ConfigError(f"adapt_batchnorm_weight must be in (0, 1] (the new scanner's share of the statistics), got {weight!r}")
         self.enabled, self.min_scans, self.weight, self.source = enabled, int(min_scans), float(weight), str(source)
 
     def attach(self, engine: Engine) -> None:

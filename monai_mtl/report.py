@@ -419,8 +419,8 @@ def leave_site_out_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, s
             for site, cells in rows.items():
                 cells += cells_of.get(site, ["—"] * len(names))
     lines = ["| held-out site | n | " + " | ".join(headers) + " |", "|---|---|" + "---|" * len(headers)]
-    lines += [f"| {site} | {first.set_index(first['site'].astype(str))['n'][site]} | " + " | ".join(cells) + " |"
-              for site, cells in rows.items()]
+    n_of = dict(zip(first["site"].astype(str), first["n"]))
+    lines += [f"| {site} | {n_of[site]} | " + " | ".join(cells) + " |" for site, cells in rows.items()]
     sources = ", ".join(f"`{d}/leave_site_out.csv`" for label, d in runs if label in tables)
     if kept:
         sources += "; the columns of " + ", ".join(f"`{d}`" for label, d in runs if label in kept) + \
