@@ -65,7 +65,6 @@ def test_a_partial_weight_blends_the_training_and_the_new_statistics():
 
 def test_dropout_stays_off_and_the_covariates_reach_the_network():
     net, other = _Net(), _Net()
-    other.load_state_dict(net.state_dict())
     covariates = torch.ones(6, 3)
     adapt_batchnorm(net, [(x, {"covariates": covariates}) for x, _ in _batches()], min_scans=1, weight=1.0)
     assert net.seen_covariates is covariates
