@@ -134,7 +134,7 @@ class LossWeightingHandler:
                 metrics["loss_weight_response"], metrics["loss_weight_severity"] = (float(w) for w in weights)
             log_variances = getattr(self.loss, "log_variances", None)
             if log_variances is not None:
-                metrics["loss_log_variance_response"], metrics["loss_log_variance_severity"] = (float(v) for v in log_variances)
+                metrics["loss_log_variance_response"], metrics["loss_log_variance_severity"] = (float(v) for v in log_variances.detach())
 
 
 class TensorBoardSliceHandler:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -43,6 +45,23 @@ def test_uncertainty_weighting_learns_the_task_log_variances():
     optimal = torch.log(torch.stack([0.6 * parts["loss_response"], 0.4 * parts["loss_severity"]])).detach()
     assert (loss.log_variances.detach() - optimal).abs().max() < (optimal.abs().max())
     assert (loss.log_variances.detach() < 0).all()
+
+
+def test_the_learned_log_variances_are_logged_each_epoch_without_a_warning():
+    from types import SimpleNamespace
+
+    from monai_mtl.handlers import LossWeightingHandler
+
+    loss = MultiTaskLoss(weighting="uncertainty")
+    with torch.no_grad():
+        loss.log_variances.copy_(torch.tensor([-1.5, -0.5]))
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={"train_loss_response": 0.2, "train_loss_severity": 0.1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor that requires grad is made a Python float
+        LossWeightingHandler(loss)(engine)
+    metrics = engine.state.metrics
+    assert metrics["loss_log_variance_response"] == pytest.approx(-1.5)
+    assert metrics["loss_log_variance_severity"] == pytest.approx(-0.5)
 
 
 def test_dwa_weights_the_task_whose_loss_falls_slower():
