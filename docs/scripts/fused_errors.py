@@ -54,13 +54,9 @@ def error_causes(cv_dir: Path, table: pd.DataFrame, description: dict) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def marginalised_accuracy(fold: Path, table: pd.DataFrame, part: str) -> tuple[float, float, int]:
-    """(accuracy as stored, accuracy with missing text covariates marginalised, subjects with one missing)."""
-    split = json.loads((fold / "split.json").read_text())
-    encoding = stored_covariates(fold / "model.pt")
-    model = CheckpointPredictor(fold / "model.pt")
-    training = table.loc[split["train"]]
-    rows = table.loc[split[part]].copy()
+def marginalised_accuracy(model: CheckpointPredictor, encoding, training: pd.DataFrame,
+                          rows: pd.DataFrame) -> tuple[float, float, int]:
+    """(accuracy as stored, accuracy with missing text covariates marginalised, subjects with one missing) on ``rows``."""
 
     def predict(subset: pd.DataFrame) -> pd.DataFrame:
         subset = subset.reset_index(drop=True)
@@ -104,15 +100,18 @@ def main() -> None:
     edge = (causes["severity"].sub(35).abs().le(3) | causes["severity"].sub(65).abs().le(3))
     print("within 3 points of a severity band's edge among 'other':", int((edge & (causes["cause"] == "other")).sum()))
     if args.marginalise:
-        for part in ("validation", "test"):
-            results = []
-            for fold in sorted(p for p in args.cv_dir.glob("fold_*") if p.is_dir()):
-                stored, averaged, n = marginalised_accuracy(fold, table, part)
-                results.append((stored, averaged))
+        results: dict[str, list[tuple[float, float]]] = {"validation": [], "test": []}
+        for fold in sorted(p for p in args.cv_dir.glob("fold_*") if p.is_dir()):
+            split = json.loads((fold / "split.json").read_text())
+            model, encoding = CheckpointPredictor(fold / "model.pt"), stored_covariates(fold / "model.pt")
+            for part in results:
+                stored, averaged, n = marginalised_accuracy(model, encoding, table.loc[split["train"]], table.loc[split[part]])
+                results[part].append((stored, averaged))
                 print(f"{fold.name} {part}: {n} with a missing category; accuracy {stored:.4f} stored, {averaged:.4f} marginalised")
-            difference = np.diff(np.asarray(results), axis=1)[:, 0] * 100
+        for part, pairs in results.items():
+            difference = np.diff(np.asarray(pairs), axis=1)[:, 0] * 100
             print(f"{part}: marginalised - stored {difference.mean():+.2f} ± {difference.std(ddof=1):.2f} points "
-                  f"(better in {int((difference > 0).sum())}, worse in {int((difference < 0).sum())} of {len(results)})")
+                  f"(better in {int((difference > 0).sum())}, worse in {int((difference < 0).sum())} of {len(pairs)})")
 
 
 if __name__ == "__main__":
