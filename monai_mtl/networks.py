@@ -17,7 +17,34 @@ from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa:
 
 
 #: ``pooling`` choices of :class:`DualPathNet`'s middle blocks
-POOLINGS = ("max", "avg")
+POOLINGS = ("max", "avg", "mixed")
+
+
+class MixedPool3d(nn.Module):
+    """Per-channel learned mix of max and average pooling, ``a * max + (1 - a) * avg`` with ``a = sigmoid(gate)``.
+
+    The "mixed" pooling of Lee, Gallagher & Tu (AISTATS 2016), with one gate per channel rather than
+    per layer: a channel carrying a local contrast (the caudate's class signature) can keep its
+    maximum while a channel carrying an amount of tissue (an atrophy's partial volume) keeps its sum.
+    The gates start at 0 (an even mix) and learn with the network.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.gate = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mix = torch.sigmoid(self.gate).view(1, -1, 1, 1, 1)
+        return mix * nn.functional.max_pool3d(x, self.kernel_size) + (1 - mix) * nn.functional.avg_pool3d(x, self.kernel_size)
+
+
+def _pool(pooling: str, channels: int) -> nn.Module:
+    if pooling == "max":
+        return nn.MaxPool3d(kernel_size=2)
+    if pooling == "avg":
+        return nn.AvgPool3d(kernel_size=2)
+    return MixedPool3d(channels)
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True,
@@ -28,7 +55,7 @@ def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int]
         nn.ReLU(inplace=True),
     ]
     if pool:
-        layers.append(nn.MaxPool3d(kernel_size=2) if pooling == "max" else nn.AvgPool3d(kernel_size=2))
+        layers.append(_pool(pooling, out_channels))
     return nn.Sequential(*layers)
 
 
@@ -157,8 +184,9 @@ class DualPathNet(nn.Module):
             (1: all of it, the paper's multi-task training; 0: the shared encoder learns from the
             severity alone and the response path from what those features carry, plus its own task
             blocks and head, which learn in full). The forward pass is the same for every value.
-        pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN) or ``avg``
-            (keeps sums of intensities over a region, what an atrophy's partial volume changes).
+        pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN), ``avg``
+            (keeps sums of intensities over a region, what an atrophy's partial volume changes) or
+            ``mixed`` (a learned mix of the two per channel, :class:`MixedPool3d`).
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].

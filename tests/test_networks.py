@@ -76,3 +76,26 @@ def test_pooling_choice_is_used_stored_only_when_not_max_and_checked():
     assert network_config(rebuilt)["pooling"] == "avg" and rebuilt(torch.rand(1, 1, 64, 64, 16)).shape == (1, 4)
     with pytest.raises(ValueError, match="pooling must be one of"):
         DualPathNet(pooling="min")
+
+
+def test_mixed_pooling_spans_max_and_average_and_learns_its_gates():
+    from monai_mtl.networks import MixedPool3d, build_network, network_config
+
+    x = torch.randn(2, 3, 4, 4, 2)
+    pool = MixedPool3d(3)
+    even = 0.5 * torch.nn.functional.max_pool3d(x, 2) + 0.5 * torch.nn.functional.avg_pool3d(x, 2)
+    torch.testing.assert_close(pool(x), even)  # the gates start at an even mix
+    with torch.no_grad():
+        pool.gate.copy_(torch.tensor([30.0, -30.0, 0.0]))
+    out = pool(x)
+    torch.testing.assert_close(out[:, 0], torch.nn.functional.max_pool3d(x, 2)[:, 0])
+    torch.testing.assert_close(out[:, 1], torch.nn.functional.avg_pool3d(x, 2)[:, 1])
+
+    net = DualPathNet(pooling="mixed")
+    gates = [m.gate for m in net.modules() if isinstance(m, MixedPool3d)]
+    assert len(gates) == 2  # the two middle blocks pool; the stem and the task blocks do not
+    net(torch.rand(2, 1, 64, 64, 16)).sum().backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+    rebuilt = build_network(network_config(net))
+    assert network_config(rebuilt)["pooling"] == "mixed"
+    torch.jit.script(rebuilt.eval())  # the export still scripts it
