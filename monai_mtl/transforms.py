@@ -487,6 +487,7 @@ class BatchScannerAugmentation:
         translate: tuple[float, float, float] = (2.0, 2.0, 1.0),
         ghost_prob: float = 0.0, ghost_strength: tuple[float, float] = (0.0, 0.3),
         ghost_period: tuple[int, int] = (3, 8), ghost_axes: Sequence[int] = (0, 1),
+        flip_prob: float = 0.0,
     ) -> None:
         self.bias_prob, self.bias_degree, self.bias_coeff = bias_prob, bias_degree, bias_coeff
         self.contrast_prob, self.gamma = contrast_prob, gamma
@@ -505,6 +506,9 @@ class BatchScannerAugmentation:
                               f"got {list(ghost_period)}")
         if not self.ghost_axes or any(a not in (0, 1, 2) for a in self.ghost_axes):
             raise ConfigError(f"scanner_augmentation ghost_axes must list spatial axes 0, 1 or 2, got {list(ghost_axes)}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ConfigError(f"scanner_augmentation flip_prob must be a probability in [0, 1], got {flip_prob!r}")
+        self.flip_prob = float(flip_prob)
 
     @classmethod
     def default_settings(cls) -> dict:
@@ -688,7 +692,21 @@ class BatchScannerAugmentation:
                 period = int(torch.randint(self.ghost_period[0], self.ghost_period[1] + 1, (1,)))
                 axis = self.ghost_axes[int(torch.randint(len(self.ghost_axes), (1,)))]
                 images[i : i + 1] = self.ghosting(images[i : i + 1], strength, period, axis)
+        if self.flip_prob > 0:  # drawn only when on, like the ghosts
+            chosen = self._chosen(images, self.flip_prob)
+            if len(chosen):
+                images[chosen] = self.mirror(images[chosen])
         return images
+
+    @staticmethod
+    def mirror(images: torch.Tensor) -> torch.Tensor:
+        """Left and right exchanged: each volume reversed along the first spatial axis, R-L on the network's RAS grid
+        (MONAI ``Flip(spatial_axis=0)``), about the field of view's centre, which the preprocessing puts at the scan's.
+
+        The brain is nearly symmetric, so a mirrored scan is another plausible subject with the same labels; SFCN
+        (Peng et al. 2021, brain age) trains with mirroring for that reason. A trait on one side only would make it wrong.
+        """
+        return images.flip(2)
 
 
 @functools.lru_cache(maxsize=8)

@@ -162,6 +162,28 @@ def test_ghosting_is_the_generators_motion_artifact_and_fires_only_when_asked():
     assert torch.all((out - images).flatten(1).abs().amax(dim=1) > 1e-3)
 
 
+def test_mirror_exchanges_left_and_right_as_monai_flip_and_draws_nothing_when_off():
+    from monai.transforms import Flip
+
+    never = dict(bias_prob=0, contrast_prob=0, gibbs_prob=0, rician_prob=0, smooth_prob=0, low_resolution_prob=0,
+                 affine_prob=0)
+    images = _volumes(4)
+    mirrored = BatchScannerAugmentation(**never, flip_prob=1.0)(images)
+    for volume, out in zip(images, mirrored):
+        torch.testing.assert_close(out, torch.as_tensor(Flip(spatial_axis=0)(volume)))
+    # off (the default): the random stream is not touched, so the other draws stay what they were
+    torch.manual_seed(3)
+    before = BatchScannerAugmentation()(images)
+    torch.manual_seed(3)
+    torch.testing.assert_close(BatchScannerAugmentation(flip_prob=0.0)(images), before)
+    torch.manual_seed(3)
+    some = BatchScannerAugmentation(**never, flip_prob=0.5)(_volumes(64))
+    flipped = sum(bool(torch.equal(o, v.flip(1))) for o, v in zip(some, _volumes(64)))
+    assert 16 < flipped < 48  # about half
+    with pytest.raises(ConfigError, match="flip_prob"):
+        BatchScannerAugmentation.from_settings({"flip_prob": 2})
+
+
 def test_scanner_augmentation_key_lists_every_setting_and_refuses_an_unknown_one():
     import json
 
