@@ -465,7 +465,8 @@ class BatchScannerAugmentation:
     The same draws, probabilities and formulas as MONAI's per-volume transforms listed by
     :func:`augmentation_transforms` (``RandBiasField``, ``RandAdjustContrast``, ``RandGibbsNoise``,
     ``RandRicianNoise``, ``RandGaussianSmooth``, ``RandSimulateLowResolution``, ``RandAffine``, in that
-    order), applied to the collated ``(B, 1, X, Y, Z)`` batch before intensity normalisation. MONAI's run
+    order; then, when their probabilities are set, motion ghosting and a left-right mirror, which MONAI's
+    chain does not have), applied to the collated ``(B, 1, X, Y, Z)`` batch before intensity normalisation. MONAI's run
     per volume in the single data-loader process, where they took about 8 ms a volume and, on 2 CPU
     cores, most of a training epoch; on the batch the bias field is one matrix product over a cached
     polynomial basis, Gibbs ringing one batched FFT, the affine one ``grid_sample``. The affine
