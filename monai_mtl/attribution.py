@@ -139,7 +139,7 @@ def explain_covariates(
     ``None`` (and nothing written) for a checkpoint trained without covariates.
     """
     from monai_mtl import figures
-    from monai_mtl.inference import stored_covariates
+    from monai_mtl.covariates import stored_covariates
 
     encoding = stored_covariates(checkpoint)
     if encoding is None:

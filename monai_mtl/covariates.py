@@ -26,8 +26,10 @@ as training did. A listed column absent from the table is a :class:`~monai_mtl.e
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,4 +137,12 @@ def _who(table: pd.DataFrame, i: int) -> str:
     return f"subject {table['subject_id'].iloc[i]}" if "subject_id" in table.columns else f"row {i + 1}"
 
 
-__all__ = ["CovariateEncoding", "check_columns"]
+def stored_covariates(checkpoint: str | os.PathLike) -> CovariateEncoding | None:
+    """The covariate encoding a checkpoint was trained with, or ``None`` (imaging only, or no such file)."""
+    from monai_mtl.checkpoints import read_run_metadata
+
+    stored = read_run_metadata(checkpoint).get("covariates") if Path(checkpoint).is_file() else None
+    return CovariateEncoding.from_dict(stored) if stored else None
+
+
+__all__ = ["CovariateEncoding", "check_columns", "stored_covariates"]

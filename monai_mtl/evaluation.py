@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 
 from monai_mtl import SEVERITY_SCALE
 from monai_mtl.checkpoints import CheckpointError, check_no_leakage, load_state_dict_file, read_run_metadata
+from monai_mtl.errors import CohortError
 from monai_mtl.handlers import is_rank_zero
 from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.metrics import prediction_report
@@ -110,18 +111,34 @@ class CheckpointPredictor:
     """A run's best checkpoint with its stored preprocessing, network and trust settings, ready to predict datalists.
 
     Used where scans outside a bundle run are predicted with labels: the robustness sweep, the OOD report.
+    A checkpoint trained with covariates (``covariates``, its stored encoding) needs each record's vector:
+    :meth:`with_covariates` attaches them from the cohort's table.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
         from monai_mtl.checkpoints import checkpoint_settings
+        from monai_mtl.covariates import stored_covariates
         from monai_mtl.networks import build_network
 
         settings = checkpoint_settings(checkpoint)
+        self.checkpoint = Path(checkpoint)
         self.preprocessing = settings["preprocessing"]
         self.network = build_network(settings["network"]).to(device)
         load_weights(self.network, checkpoint, device)
         self.trust = read_trust(checkpoint)
+        self.covariates = stored_covariates(checkpoint)
         self.device, self.batch_size = torch.device(device), batch_size
+
+    def with_covariates(self, datalist: list[dict], table: pd.DataFrame, source: str = "labels.csv") -> list[dict]:
+        """``datalist``'s records, each with the checkpoint's covariate vector of its ``subject_id``'s row of ``table``
+        (encoded as training did; a column the table lacks is a :class:`~monai_mtl.errors.CohortError` naming
+        ``source``); the records unchanged for an imaging-only checkpoint."""
+        from monai_mtl.engines import COVARIATES_KEY
+
+        if self.covariates is None:
+            return datalist
+        rows = table.set_index("subject_id", drop=False).loc[[str(r["subject_id"]) for r in datalist]]
+        return [{**r, COVARIATES_KEY: v} for r, v in zip(datalist, self.covariates.encode(rows, source))]
 
     def predict(self, datalist: list[dict], acquisition=()) -> pd.DataFrame:
         """:func:`predict` of a labelled datalist through the checkpoint's preprocessing (after ``acquisition`` transforms)."""
@@ -140,8 +157,11 @@ class CheckpointPredictor:
         from monai.data import DataLoader, Dataset
         from monai.transforms import Compose
 
-        from monai_mtl.engines import MultiTaskEvaluator
+        from monai_mtl.engines import COVARIATES_KEY, MultiTaskEvaluator
 
+        if self.covariates is not None and any(COVARIATES_KEY not in record for record in datalist):
+            raise CohortError(f"{self.checkpoint} was trained with the covariates {self.covariates.columns}: its records "
+                              "need their vectors (CheckpointPredictor.with_covariates)")
         transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
         loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
         return MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)

@@ -26,6 +26,7 @@ from monai.visualize import GradCAM
 from torch import nn
 
 from monai_mtl.bids import is_bids_root, t1w_images
+from monai_mtl.covariates import stored_covariates  # noqa: F401 (inference.json's `covariate_encoding` names it here)
 from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.images import unreadable_error
@@ -54,15 +55,6 @@ def _record(index: int, path: str) -> dict:
     elif not target.exists():
         record["error"] = f"{path}: does not exist" + (" (a broken symbolic link)" if target.is_symlink() else "")
     return record
-
-
-def stored_covariates(checkpoint: str | os.PathLike):
-    """The covariate encoding a checkpoint was trained with (:class:`~monai_mtl.covariates.CovariateEncoding`), or ``None``."""
-    from monai_mtl.checkpoints import read_run_metadata
-    from monai_mtl.covariates import CovariateEncoding
-
-    stored = read_run_metadata(checkpoint).get("covariates") if Path(checkpoint).is_file() else None
-    return CovariateEncoding.from_dict(stored) if stored else None
 
 
 def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image", covariates=None) -> list[dict]:

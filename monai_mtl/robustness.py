@@ -188,7 +188,8 @@ def artifact_sweep(
         raise ConfigError(f"--adapt-batchnorm needs at least {min_scans} scans, {run_dir}'s {part} part has {len(subject_ids)}")
     with RunLock(output_dir):
         model = CheckpointPredictor(checkpoint, device)
-        datalist = to_datalist(read_cohort(dataset_dir), subject_ids)
+        cohort = read_cohort(dataset_dir)
+        datalist = model.with_covariates(to_datalist(cohort, subject_ids), cohort)
 
         def _row(records: list[dict], acquisition=(), **columns) -> dict:
             row = _metrics_row(model.predict(records, acquisition), **columns)
@@ -213,6 +214,7 @@ def artifact_sweep(
             with tempfile.TemporaryDirectory(prefix="regrid-") as tmp:
                 for shape in grids:
                     records = regrid_subjects(dataset_dir, subject_ids, shape, Path(tmp) / "x".join(map(str, shape)))
+                    records = model.with_covariates(records, cohort)
                     row = _row(records, kind="grid", strength="x".join(map(str, shape)))
                     logger.info("robustness: grid %s: accuracy %.4f, MAE %.2f", row["strength"], row["accuracy"], row["severity_mae"])
                     rows.append(row)
@@ -277,7 +279,7 @@ def leave_site_out(
         rows.append({"site": site, "n": out["n"], "held_out_accuracy": out["accuracy"],
                      "held_out_severity_mae": out["severity_mae"],
                      "held_out_mean_severity_error": float((table["pred_severity"] - table["true_severity"]).mean()),
-                     **_adapted_held_out(models[site], to_datalist(labels, list(table["subject_id"])))})
+                     **_adapted_held_out(models[site], labels, list(table["subject_id"]))})
     if folds:
         cv = pd.concat([pd.read_csv(fold_dir(output_dir / "cv", i) / "test_predictions.csv", dtype={"subject_id": str})
                         for i in range(folds)])
@@ -293,17 +295,18 @@ def leave_site_out(
     return table
 
 
-def _adapted_held_out(checkpoint: Path, datalist: list[dict]) -> dict:
+def _adapted_held_out(checkpoint: Path, labels: pd.DataFrame, subject_ids: list[str]) -> dict:
     """The held-out site's figures after the model's batch-norm statistics were re-estimated on its scans, without
     their labels (:mod:`monai_mtl.adaptation`): what a user with a folder of the new scanner's scans gets."""
     from monai_mtl.adaptation import DEFAULT_MIN_SCANS
 
-    if len(datalist) < DEFAULT_MIN_SCANS:  # what inference would refuse: no figures rather than noisy statistics
+    if len(subject_ids) < DEFAULT_MIN_SCANS:  # what inference would refuse: no figures rather than noisy statistics
         logger.warning("%s: %d held-out scans, fewer than the %d the batch-norm adaptation needs: no adapted figures",
-                       checkpoint.parent, len(datalist), DEFAULT_MIN_SCANS)
+                       checkpoint.parent, len(subject_ids), DEFAULT_MIN_SCANS)
         return dict.fromkeys(("held_out_adapted_accuracy", "held_out_adapted_severity_mae",
                               "held_out_adapted_mean_severity_error"), float("nan"))
     predictor = CheckpointPredictor(checkpoint)
+    datalist = predictor.with_covariates(to_datalist(labels, subject_ids), labels)
     predictor.adapt_batchnorm(datalist)
     out = predictor.predict(datalist)
     report = _metrics_row(out)

@@ -514,11 +514,13 @@ def ood_scans(dataset_dir: str | os.PathLike, test_records: list[dict], output_d
     """Write NIfTI scans of each :data:`OOD_KINDS` kind into ``output_dir/<kind>/``; their datalists by kind.
 
     Synthetic kinds are drawn on the grid and affine of the cohort's first test scan. Datalist records
-    carry dummy labels (response 0, severity 0): only the OOD score of these scans is used.
+    carry dummy labels (response 0, severity 0): only the OOD score of these scans is used. When the test
+    records carry covariate vectors (a fused model), each scan gets a test subject's, in turn.
     """
     import nibabel as nib
 
     from monai_mtl.artifacts import apply_artifact
+    from monai_mtl.engines import COVARIATES_KEY
     from monai_mtl.io import atomic_write_nifti, nifti_image
 
     rng = np.random.default_rng(seed)
@@ -549,6 +551,12 @@ def ood_scans(dataset_dir: str | os.PathLike, test_records: list[dict], output_d
             path = Path(output_dir) / kind / f"{name}.nii.gz"
             atomic_write_nifti(path, nifti_image(volume, volume_affine))
             datalists[kind].append({"image": str(path), "response": 0, "severity": 0.0, "subject_id": name})
+    if COVARIATES_KEY in test_records[0]:
+        # a fused model reads each scan with a patient's covariates: the test subjects' in turn (a corrupted scan
+        # its own subject's), so only the scan differs from the in-distribution part
+        for records in datalists.values():
+            for i, record in enumerate(records):
+                record[COVARIATES_KEY] = test_records[i % len(test_records)][COVARIATES_KEY]
     return datalists
 
 
@@ -583,7 +591,8 @@ def ood_report(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, outpu
                               "(python -m monai.bundle run calibrating ...)")
     test_ids = json.loads((run_dir / "split.json").read_text())["test"]
     check_no_leakage(checkpoint, test_ids)
-    test = to_datalist(read_cohort(dataset_dir), test_ids)
+    cohort = read_cohort(dataset_dir)
+    test = predictor.with_covariates(to_datalist(cohort, test_ids), cohort)
     with RunLock(output_dir), tempfile.TemporaryDirectory(prefix="ood-") as tmp:
         scores = {"in_distribution": predictor.predict(test)}
         for kind, records in ood_scans(dataset_dir, test, tmp, per_kind, seed).items():

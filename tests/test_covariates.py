@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from monai_mtl.clinical import COVARIATE_COLUMNS, observed_response
+from monai_mtl.cohort import to_datalist
 from monai_mtl.covariates import CovariateEncoding
 from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.synthetic import CohortConfig, generate_cohort
@@ -141,6 +142,24 @@ def test_a_model_with_covariates_trains_evaluates_and_predicts_from_a_csv(tmp_pa
     assert list(importance["severity"]) == columns and importance["completeness_error"] < 0.01
     assert importance["response"]["genotype"] == pytest.approx(attributions["response:genotype"].abs().mean())
     assert (run / "covariate_importance.png").stat().st_size > 0
+
+    # the robustness sweep and the OOD report read each subject's covariates from the cohort as training encoded them:
+    # the sweep's clean row is the run's test figure, and a re-rendered grid keeps its subjects' covariates
+    from monai_mtl.evaluation import CheckpointPredictor
+    from monai_mtl.robustness import artifact_sweep
+    from monai_mtl.trust import ood_report
+
+    sweep = artifact_sweep(run, cohort, tmp_path / "robustness", strengths={"noise": [0.05]}, grids=[(32, 32, 8)])
+    assert list(sweep["kind"]) == ["clean", "noise", "grid"]
+    clean = sweep.iloc[0]
+    assert clean["accuracy"] == tested["accuracy"] and clean["severity_mae"] == pytest.approx(tested["severity_mae"])
+    ood = ood_report(run, cohort, tmp_path / "trust", per_kind=2)
+    assert ood["n"].iloc[0] == len(split["test"]) and ood["auroc"].iloc[1:].notna().all()
+    predictor = CheckpointPredictor(run / "model.pt")
+    records = predictor.with_covariates(to_datalist(labels.reset_index(), split["test"]), labels.reset_index())
+    assert [list(r["covariates"]) for r in records] == encoding.encode(labels.loc[split["test"]].reset_index()).tolist()
+    with pytest.raises(CohortError, match="trained with the covariates"):
+        predictor.predict(to_datalist(labels.reset_index(), split["test"]))  # records without their vectors
 
     # inference reads the covariates from the input CSV; a CSV without one, or a folder of scans, is refused
     table = labels.reset_index()

@@ -19,27 +19,17 @@ import numpy as np
 import pandas as pd
 
 from monai_mtl.cohort import read_cohort, to_datalist
-from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.floor import response_limit
-from monai_mtl.inference import stored_covariates
 from monai_mtl.outputs import PROBABILITY_COLUMNS
-
-
-def datalist(table: pd.DataFrame, checkpoint: Path) -> list[dict]:
-    """``table``'s scans, with the covariates as the checkpoint's encoding reads them when it was trained with some."""
-    records = to_datalist(table)
-    encoding = stored_covariates(checkpoint)
-    if encoding is None:
-        return records
-    return [{**record, COVARIATES_KEY: value} for record, value in zip(records, encoding.encode(table))]
 
 
 def main() -> None:
     cv_dir, dataset = Path(sys.argv[1]), Path(sys.argv[2])
     table = read_cohort(dataset)
     runs = sorted(cv_dir.glob("fold_*/model.pt"))
-    predictions = [CheckpointPredictor(path).predict(datalist(table, path)) for path in runs]
+    models = [CheckpointPredictor(path) for path in runs]
+    predictions = [model.predict(model.with_covariates(to_datalist(table), table)) for model in models]
     truth = predictions[0][["true_response", "true_severity"]].to_numpy()
     probabilities = np.stack([p[list(PROBABILITY_COLUMNS)].to_numpy() for p in predictions])
     severities = np.stack([p["pred_severity"].to_numpy() for p in predictions])

@@ -25,10 +25,8 @@ import numpy as np
 import pandas as pd
 
 from monai_mtl.cohort import read_cohort, to_datalist
-from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.floor import response_limit
-from monai_mtl.inference import stored_covariates
 
 PROBABILITIES = ["prob_non_responder", "prob_partial_responder", "prob_responder"]
 
@@ -54,19 +52,18 @@ def error_causes(cv_dir: Path, table: pd.DataFrame, description: dict) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def marginalised_accuracy(model: CheckpointPredictor, encoding, training: pd.DataFrame,
+def marginalised_accuracy(model: CheckpointPredictor, training: pd.DataFrame,
                           rows: pd.DataFrame) -> tuple[float, float, int]:
     """(accuracy as stored, accuracy with missing text covariates marginalised, subjects with one missing) on ``rows``."""
 
     def predict(subset: pd.DataFrame) -> pd.DataFrame:
         subset = subset.reset_index(drop=True)
-        records = [{**r, COVARIATES_KEY: v} for r, v in zip(to_datalist(subset), encoding.encode(subset))]
-        return model.predict(records).set_index("subject_id")
+        return model.predict(model.with_covariates(to_datalist(subset), subset)).set_index("subject_id")
 
     stored = predict(rows)
     averaged = stored[PROBABILITIES].copy()
     touched = pd.Series(False, index=rows.index)
-    for column, categories in encoding.categories.items():
+    for column, categories in model.covariates.categories.items():
         missing = rows[column].isna()
         if not missing.any():
             continue
@@ -103,9 +100,9 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {"validation": [], "test": []}
         for fold in sorted(p for p in args.cv_dir.glob("fold_*") if p.is_dir()):
             split = json.loads((fold / "split.json").read_text())
-            model, encoding = CheckpointPredictor(fold / "model.pt"), stored_covariates(fold / "model.pt")
+            model = CheckpointPredictor(fold / "model.pt")
             for part in results:
-                stored, averaged, n = marginalised_accuracy(model, encoding, table.loc[split["train"]], table.loc[split[part]])
+                stored, averaged, n = marginalised_accuracy(model, table.loc[split["train"]], table.loc[split[part]])
                 results[part].append((stored, averaged))
                 print(f"{fold.name} {part}: {n} with a missing category; accuracy {stored:.4f} stored, {averaged:.4f} marginalised")
         for part, pairs in results.items():
