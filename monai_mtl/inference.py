@@ -25,8 +25,8 @@ from monai.transforms import SpatialResample
 from monai.visualize import GradCAM
 from torch import nn
 
-from monai_mtl.bids import is_bids_root, t1w_images
-from monai_mtl.covariates import stored_covariates  # noqa: F401 (inference.json's `covariate_encoding` names it here)
+from monai_mtl.bids import PARTICIPANTS, is_bids_root, read_participants, t1w_images
+from monai_mtl.covariates import check_columns, stored_covariates  # noqa: F401 (inference.json's `covariate_encoding` names it here)
 from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.images import unreadable_error
@@ -57,25 +57,30 @@ def _record(index: int, path: str) -> dict:
     return record
 
 
-def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image", covariates=None) -> list[dict]:
+def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image", covariates=None,
+                   session: str | None = None) -> list[dict]:
     """One record per input, in order: every NIfTI-named entry of a folder (sorted), every row of a CSV, or
-    each subject's T1w image of a BIDS dataset (:func:`monai_mtl.bids.t1w_images`).
+    each subject's T1w image of a BIDS dataset (:func:`monai_mtl.bids.t1w_images`; ``session``: the
+    ``bids_session`` key, that session's image, as training picks it; unset, each subject's first session).
 
     Nothing is dropped: a blank ``image`` cell, a missing file, a broken link or a folder named like
     a NIfTI file (``.nii``, ``.nii.gz``, any case) gets a record with ``error`` set, which becomes its
     row of ``predictions.csv``. Each record carries ``input_index``, its position among the inputs.
 
     ``covariates``: the checkpoint's :class:`~monai_mtl.covariates.CovariateEncoding`, when it was trained
-    with covariates: the input must then be a CSV with those columns, and each record gets its vector.
+    with covariates: the input must then be a CSV with those columns or a BIDS dataset whose ``participants.tsv``
+    has them, and each record gets its vector (a BIDS subject without a ``participants.tsv`` row gets an ``error``).
 
     Raises:
         CohortError: nothing there, a folder without NIfTI-named entries, or a CSV without the image column or rows;
-            with ``covariates``, an input that is not a CSV or a CSV without one of the checkpoint's covariate columns.
+            with ``covariates``, a folder of scans, or a CSV or ``participants.tsv`` without one of the checkpoint's
+            covariate columns.
     """
     source = Path(dataset_dir)
-    if covariates is not None and not (source.is_file() and source.suffix.lower() == ".csv"):
+    if covariates is not None and not (source.is_file() and source.suffix.lower() == ".csv") and not is_bids_root(source):
         raise CohortError(f"{source}: the checkpoint was trained with the covariates {covariates.columns}; give a CSV "
-                          f"with an '{image_column}' column and those columns")
+                          f"with an '{image_column}' column and those columns, or a BIDS dataset with them in "
+                          f"{PARTICIPANTS}")
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
         if image_column not in table.columns:
@@ -87,16 +92,33 @@ def input_datalist(dataset_dir: str | os.PathLike, image_column: str = "image", 
             return [{**record, COVARIATES_KEY: vector} for record, vector in zip(_csv_records(source, table, image_column), vectors)]
         return _csv_records(source, table, image_column)
     if source.is_dir() and is_bids_root(source):
-        images = t1w_images(source)  # labels are not needed: every subject with a T1w image, in subject order
+        images = t1w_images(source, session)  # labels are not needed: every subject with a T1w image, in subject order
         if not images:
             raise CohortError(f"{source}: a BIDS dataset without T1w images (sub-<label>/[ses-<label>/]anat/*_T1w.nii[.gz])")
-        return [_record(i, images[subject]) for i, subject in enumerate(sorted(images))]
+        records = [_record(i, images[subject]) for i, subject in enumerate(sorted(images))]
+        return records if covariates is None else _participant_covariates(source, sorted(images), records, covariates)
     if source.is_dir():
         entries = sorted(str(p) for p in source.iterdir() if _is_nifti(p))
         if not entries:
             raise CohortError(f"{source}: no NIfTI files (*.nii, *.nii.gz) in this folder")
         return [_record(i, path) for i, path in enumerate(entries)]
     raise CohortError(f"{source}: not a folder of NIfTI files nor a CSV file")
+
+
+def _participant_covariates(root: Path, subjects: list[str], records: list[dict], covariates) -> list[dict]:
+    """``records`` (one per subject, in order) with each subject's covariate vector from the BIDS dataset's
+    ``participants.tsv``, as training read it (:func:`monai_mtl.bids.read_participants`)."""
+    source = str(root / PARTICIPANTS)
+    participants = read_participants(root).rename(columns={"participant_id": "subject_id"}).set_index("subject_id", drop=False)
+    check_columns(participants, covariates.columns, source)
+    listed = [s for s in subjects if s in participants.index]
+    vectors = dict(zip(listed, covariates.encode(participants.loc[listed], source))) if listed else {}
+    for record, subject in zip(records, subjects):
+        if subject in vectors:
+            record[COVARIATES_KEY] = vectors[subject]
+        elif "error" not in record:
+            record["error"] = f"{source}: no row for {subject}, so its covariates {covariates.columns} are unknown"
+    return records
 
 
 def _csv_records(source: Path, table: pd.DataFrame, image_column: str) -> list[dict]:

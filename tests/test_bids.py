@@ -96,4 +96,39 @@ def test_a_bids_dataset_trains_and_predicts(train_cohort, tmp_path):
                ckpt_path=str(output / "model.pt"), output_dir=str(predictions))
     table = pd.read_csv(predictions / "predictions.csv")
     assert len(table) == 60 and table["error"].isna().all()  # every subject with an image, labelled or not
+    assert table["image"].str.contains("ses-1").all()  # each subject's first session, as training read it
+    run_bundle("run", str(Path(TRAIN_CONFIG).with_name("inference.json")), dataset_dir=str(root),
+               ckpt_path=str(output / "model.pt"), output_dir=str(tmp_path / "session2"), bids_session="2")
+    session2 = pd.read_csv(tmp_path / "session2" / "predictions.csv")
+    assert len(session2) == 20 and session2["image"].str.contains("_ses-2_T1w").all()  # every third subject has one
     shutil.rmtree(output / "tensorboard")
+
+
+def test_a_model_with_covariates_predicts_a_bids_dataset_from_its_participants_tsv(train_cohort, tmp_path):
+    from monai_mtl.errors import project_error
+
+    root = tmp_path / "bids"
+    _bids_from(train_cohort, root)
+    output = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(root), output_dir=str(output), max_epochs=1, batch_size=8,
+               cache_workers=1, response_column="dx_class", severity_column="dx_severity", bids_session="1",
+               covariates=["age", "site"])
+    infer = str(Path(TRAIN_CONFIG).with_name("inference.json"))
+    participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
+    participants[participants["participant_id"] != "sub-004"].to_csv(root / "participants.tsv", sep="\t", index=False)
+    run_bundle("run", infer, dataset_dir=str(root), ckpt_path=str(output / "model.pt"), output_dir=str(tmp_path / "p"))
+    table = pd.read_csv(tmp_path / "p" / "predictions.csv").set_index("image")
+    unlisted = table[table["error"].notna()]
+    assert len(table) == 60 and len(unlisted) == 1 and "sub-004" in unlisted.index[0]
+    assert "participants.tsv: no row for sub-004" in unlisted["error"].iloc[0]
+    # each listed subject's covariates reach the network: other ages give other outputs for the same scans
+    participants["age"] = participants["age"].astype(float) + 30
+    participants.to_csv(root / "participants.tsv", sep="\t", index=False)
+    run_bundle("run", infer, dataset_dir=str(root), ckpt_path=str(output / "model.pt"), output_dir=str(tmp_path / "older"))
+    older = pd.read_csv(tmp_path / "older" / "predictions.csv").set_index("image")
+    listed = table.index[table["error"].isna()]
+    assert not np.allclose(older.loc[listed, "prob_responder"], table.loc[listed, "prob_responder"])
+    participants.drop(columns=["site"]).to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(Exception) as refused:
+        run_bundle("run", infer, dataset_dir=str(root), ckpt_path=str(output / "model.pt"), output_dir=str(tmp_path / "x"))
+    assert "covariate column(s) ['site']" in str(project_error(refused.value))
