@@ -38,11 +38,11 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from monai_mtl.cohort import CohortError, read_cohort
+from monai_mtl.cohort import CohortError
 from monai_mtl.evaluation import report_from_predictions
 from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.outputs import NUM_RESPONSE_CLASSES, prediction_table
-from monai_mtl.run_folder import SETTINGS_FILE, RunLock
+from monai_mtl.run_folder import RunLock, read_run_cohort, run_setting
 
 logger = logging.getLogger(__name__)
 
@@ -186,17 +186,11 @@ def run_baseline(
     return _fit_classical_baseline(kind, dataset_dir, split_file, output_dir, covariates)
 
 
-def _reference_setting(split_file: str | os.PathLike, key: str):
-    """The bundle setting ``key`` of the run whose split this is (``None`` without its ``run_settings.json``)."""
-    settings_file = Path(split_file).with_name(SETTINGS_FILE)
-    return json.loads(settings_file.read_text()).get("config", {}).get(key) if settings_file.is_file() else None
-
-
 def _covariate_columns(dataset_dir: str | os.PathLike, split_file: str | os.PathLike, given: Sequence[str] | None) -> list[str]:
     """The ``covariates-only`` baseline's columns: ``given``, else the reference run's setting, else ``cohort.json``'s."""
     if given:
         return list(given)
-    columns = _reference_setting(split_file, "covariates")
+    columns = run_setting(Path(split_file).parent, "covariates")
     if columns:
         return list(columns)
     cohort_file = Path(dataset_dir) / "cohort.json"
@@ -223,7 +217,7 @@ def _fit_classical_baseline(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
     covariates: Sequence[str] | None = None,
 ) -> dict:
-    table = read_cohort(dataset_dir).set_index("subject_id", drop=False)
+    table = read_run_cohort(Path(split_file).parent, dataset_dir).set_index("subject_id", drop=False)
     split = json.loads(Path(split_file).read_text())
     missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]
     if missing:
@@ -239,7 +233,7 @@ def _fit_classical_baseline(
 
         columns = _covariate_columns(dataset_dir, split_file, covariates)
         source = str(dataset_dir)
-        count_levels = int(_reference_setting(split_file, "covariate_count_levels") or 0)
+        count_levels = int(run_setting(Path(split_file).parent, "covariate_count_levels") or 0)
         # train + validation parts: the test part never changes it
         encoding = CovariateEncoding.fit(fit, columns, source, count_levels)
         probabilities, pred_severity = _fit_linear_models(encoding.encode(fit, source), fit, encoding.encode(test, source))

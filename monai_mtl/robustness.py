@@ -36,7 +36,7 @@ from monai_mtl.cohort import CohortError, read_cohort, to_datalist
 from monai_mtl.errors import ConfigError
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
-from monai_mtl.run_folder import RunLock
+from monai_mtl.run_folder import RunLock, read_run_cohort
 from monai_mtl.transforms import ResampleToFieldOfViewd
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def artifact_sweep(
         raise ConfigError(f"--adapt-batchnorm needs at least {min_scans} scans, {run_dir}'s {part} part has {len(subject_ids)}")
     with RunLock(output_dir):
         model = CheckpointPredictor(checkpoint, device)
-        cohort = read_cohort(dataset_dir)
+        cohort = read_run_cohort(run_dir, dataset_dir)
         datalist = model.with_covariates(to_datalist(cohort, subject_ids), cohort)
 
         def _row(records: list[dict], acquisition=(), **columns) -> dict:

@@ -343,6 +343,25 @@ def start_training_run(output_dir: str | os.PathLike, resume: bool = True) -> No
         fresh_start(output_dir)
 
 
+def run_setting(run_dir: str | os.PathLike, key: str, default: Any = None) -> Any:
+    """The bundle setting ``key`` run ``run_dir`` was trained with (its ``run_settings.json``); ``default`` without
+    that file or key (a run of an older version, or a folder that is no training run)."""
+    settings_file = Path(run_dir) / SETTINGS_FILE
+    if not settings_file.is_file():
+        return default
+    return json.loads(settings_file.read_text()).get("config", {}).get(key, default)
+
+
+def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike):
+    """``dataset_dir``'s labels as run ``run_dir`` read them: its ``response_column``, ``severity_column`` and
+    ``bids_session`` (:func:`monai_mtl.cohort.read_cohort`), so a tool that predicts a run's test part (the
+    robustness sweep, the OOD report) reads the same scans and labels as its training did."""
+    from monai_mtl.cohort import read_cohort
+
+    return read_cohort(dataset_dir, run_setting(run_dir, "response_column", "response"),
+                       run_setting(run_dir, "severity_column", "severity"), run_setting(run_dir, "bids_session"))
+
+
 def check_run_settings(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> dict:
     """Store this run's settings, or refuse to resume a run that was made with other ones.
 

@@ -577,10 +577,10 @@ def ood_report(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, outpu
     from sklearn.metrics import roc_auc_score
 
     from monai_mtl.checkpoints import CheckpointError, check_no_leakage
-    from monai_mtl.cohort import read_cohort, to_datalist
+    from monai_mtl.cohort import to_datalist
     from monai_mtl.evaluation import CheckpointPredictor
     from monai_mtl.io import atomic_write_csv
-    from monai_mtl.run_folder import RunLock
+    from monai_mtl.run_folder import RunLock, read_run_cohort
 
     run_dir = Path(run_dir)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "trust"
@@ -591,7 +591,7 @@ def ood_report(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, outpu
                               "(python -m monai.bundle run calibrating ...)")
     test_ids = json.loads((run_dir / "split.json").read_text())["test"]
     check_no_leakage(checkpoint, test_ids)
-    cohort = read_cohort(dataset_dir)
+    cohort = read_run_cohort(run_dir, dataset_dir)
     test = predictor.with_covariates(to_datalist(cohort, test_ids), cohort)
     with RunLock(output_dir), tempfile.TemporaryDirectory(prefix="ood-") as tmp:
         scores = {"in_distribution": predictor.predict(test)}

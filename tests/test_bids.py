@@ -101,6 +101,20 @@ def test_a_bids_dataset_trains_and_predicts(train_cohort, tmp_path):
                ckpt_path=str(output / "model.pt"), output_dir=str(tmp_path / "session2"), bids_session="2")
     session2 = pd.read_csv(tmp_path / "session2" / "predictions.csv")
     assert len(session2) == 20 and session2["image"].str.contains("_ses-2_T1w").all()  # every third subject has one
+
+    # the tools that predict a run's test part read the cohort as its training did (its label columns and session):
+    # the sweep's clean row is the run's test figure
+    from monai_mtl.robustness import artifact_sweep
+    from monai_mtl.run_folder import read_run_cohort
+
+    sweep = artifact_sweep(output, root, tmp_path / "robustness", strengths={"noise": [0.05]}, grids=[])
+    tested = json.loads((output / "test_metrics.json").read_text())
+    assert sweep.iloc[0]["accuracy"] == tested["accuracy"] and sweep.iloc[0]["severity_mae"] == pytest.approx(tested["severity_mae"])
+    settings = json.loads((output / "run_settings.json").read_text())
+    settings["config"]["bids_session"] = "2"
+    (tmp_path / "session2_run").mkdir()
+    (tmp_path / "session2_run" / "run_settings.json").write_text(json.dumps(settings))
+    assert read_run_cohort(tmp_path / "session2_run", root)["image"].str.contains("_ses-2_T1w").all()
     shutil.rmtree(output / "tensorboard")
 
 
