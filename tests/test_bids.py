@@ -102,8 +102,12 @@ def test_a_bids_dataset_trains_and_predicts(train_cohort, tmp_path):
     session2 = pd.read_csv(tmp_path / "session2" / "predictions.csv")
     assert len(session2) == 20 and session2["image"].str.contains("_ses-2_T1w").all()  # every third subject has one
 
-    # the tools that predict a run's test part read the cohort as its training did (its label columns and session):
-    # the sweep's clean row is the run's test figure
+    # evaluation, and the tools that predict a run's test part, read the cohort as its training did (its label columns
+    # and session) without repeating them: the same test figures
+    run_bundle("evaluating", [TRAIN_CONFIG, str(Path(TRAIN_CONFIG).with_name("evaluate.json"))], dataset_dir=str(root),
+               output_dir=str(output))
+    assert json.loads((output / "metrics.json").read_text())["severity_mae"] == pytest.approx(
+        json.loads((output / "test_metrics.json").read_text())["severity_mae"])
     from monai_mtl.robustness import artifact_sweep
     from monai_mtl.run_folder import read_run_cohort
 
