@@ -18,10 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from monai_mtl.checkpoints import check_no_leakage
-from monai_mtl.cohort import read_cohort
 from monai_mtl.errors import CohortError
 from monai_mtl.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from monai_mtl.run_folder import RunLock
+from monai_mtl.run_folder import RunLock, read_run_cohort
 from monai_mtl.runs import DEFAULT_CONFIG, RunRequest, run_trainings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def check_partition(output_dir: str | os.PathLike, num_folds: int, dataset_dir: 
     """Refuse fold folders whose test parts are not the ``num_folds``-fold partition of the cohort.
 
     Each fold's ``split.json`` must say it is fold ``i`` of ``num_folds``; the test parts must be
-    disjoint and, with ``dataset_dir``, cover every subject of its ``labels.csv``.
+    disjoint and, with ``dataset_dir``, cover every subject of the cohort as the folds' training read it.
 
     Raises:
         CohortError: naming the fold or the subjects that break the partition.
@@ -96,7 +95,7 @@ def check_partition(output_dir: str | os.PathLike, num_folds: int, dataset_dir: 
     if sum(map(len, tests)) != len(union):
         raise CohortError(f"the test parts of the folds in {output_dir} overlap: they do not partition the cohort")
     if dataset_dir is not None:
-        cohort = set(read_cohort(dataset_dir)["subject_id"])
+        cohort = set(read_run_cohort(fold_dir(output_dir, 0), dataset_dir)["subject_id"])  # its label columns, session
         if union != cohort:
             raise CohortError(
                 f"the folds in {output_dir} test {len(union)} subjects, the cohort in {dataset_dir} has {len(cohort)} "

@@ -53,6 +53,33 @@ def test_summary_aggregates_fold_metrics(tmp_path):
     assert "severity_mae | 3.0000 ± 1.0000" in (tmp_path / "cv_summary.md").read_text()
 
 
+def test_the_partition_is_checked_on_the_cohort_as_the_folds_read_it(tmp_path):
+    """A cohort whose labels have other column names (``response_column``): the check reads them as the folds did."""
+    from monai_mtl.crossval import check_partition
+
+    cohort = tmp_path / "cohort"
+    (cohort / "images").mkdir(parents=True)
+    rows = pd.DataFrame({"subject_id": [f"s{i}" for i in range(6)], "image": [f"images/s{i}.nii.gz" for i in range(6)],
+                         "dx_class": [0, 1, 2, 0, 1, 2], "dx_severity": [70.0, 50.0, 10.0, 80.0, 40.0, 20.0]})
+    rows.to_csv(cohort / "labels.csv", index=False)
+    for i in range(7):
+        (cohort / "images" / f"s{i}.nii.gz").touch()  # the labels check only that they exist
+    subjects = list(rows["subject_id"])
+    for fold in range(3):
+        folder = fold_dir(tmp_path / "cv", fold)
+        folder.mkdir(parents=True)
+        test = subjects[2 * fold: 2 * fold + 2]
+        split = {"train": [s for s in subjects if s not in test], "validation": [], "test": test,
+                 "settings": {"num_folds": 3, "fold": fold}}
+        (folder / "split.json").write_text(json.dumps(split))
+        config = {"response_column": "dx_class", "severity_column": "dx_severity", "bids_session": None}
+        (folder / "run_settings.json").write_text(json.dumps({"config": config}))
+    check_partition(tmp_path / "cv", 3, cohort)
+    pd.concat([rows, rows.iloc[[0]].assign(subject_id="s6", image="images/s6.nii.gz")]).to_csv(cohort / "labels.csv", index=False)
+    with pytest.raises(CohortError, match="1 never tested"):
+        check_partition(tmp_path / "cv", 3, cohort)
+
+
 def test_summary_names_a_missing_fold(tmp_path):
     with pytest.raises(FileNotFoundError, match="fold 0 has not finished"):
         summarize(tmp_path, 2)
