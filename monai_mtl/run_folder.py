@@ -272,11 +272,13 @@ def release_run_folder(folder: str | os.PathLike) -> None:
 
 # --- settings ------------------------------------------------------------------------------------------
 
-def cohort_fingerprint(dataset_dir: str | os.PathLike, chunk: int = 65536) -> str:
+def cohort_fingerprint(dataset_dir: str | os.PathLike, chunk: int = 65536, response_column: str = "response",
+                       severity_column: str = "severity") -> str:
     """SHA-256 over ``labels.csv`` (a BIDS dataset's ``participants.tsv``) and each image's size and first and last ``chunk`` bytes.
 
     Cheap on real-size cohorts (two reads per file) and independent of where the folder lies, so a
     moved or copied cohort still resumes, while other images under the same ``labels.csv`` do not.
+    ``response_column`` / ``severity_column``: the run's, so that ``labels.csv`` is read (and checked) as its training reads it.
     """
     from monai_mtl.bids import PARTICIPANTS, is_bids_root, t1w_images
     from monai_mtl.cohort import read_labels
@@ -286,7 +288,7 @@ def cohort_fingerprint(dataset_dir: str | os.PathLike, chunk: int = 65536) -> st
         labels_file, images = dataset_dir / PARTICIPANTS, sorted(t1w_images(dataset_dir).values())
     else:
         labels_file = dataset_dir / "labels.csv"
-        images = read_labels(labels_file)["image"]
+        images = read_labels(labels_file, response_column, severity_column)["image"]
     digest = hashlib.sha256(labels_file.read_bytes())
     for image in images:
         size = os.path.getsize(image)
@@ -432,7 +434,8 @@ def requested_settings(
 
 def _settings(config: Mapping, dataset_dir: str | os.PathLike) -> dict:
     return {"config": defining_settings(config), "max_epochs": config.get("max_epochs"),
-            "cohort": cohort_fingerprint(dataset_dir)}
+            "cohort": cohort_fingerprint(dataset_dir, response_column=config.get("response_column", "response"),
+                                         severity_column=config.get("severity_column", "severity"))}
 
 
 def _as_cli_value(value: object) -> object:

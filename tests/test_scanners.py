@@ -277,6 +277,15 @@ def test_leave_site_out_runs_one_training_per_site_and_a_within_site_cv(tmp_path
     for row in table.itertuples():
         assert 0.0 <= row.held_out_adapted_accuracy <= 1.0
         assert row.held_out_adapted_severity_mae > 0 and row.held_out_adapted_severity_mae != row.held_out_severity_mae
+    # a cohort whose labels have other column names, named by overrides: the sites and their figures as before
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    labels.rename(columns={"response": "dx_class", "severity": "dx_severity"}).assign(
+        image=[str(cohort / p) for p in labels["image"]]).to_csv(renamed / "labels.csv", index=False)
+    assert main(["robustness", "--leave-site-out", "--dataset-dir", str(renamed), "--output-dir", str(tmp_path / "loso_renamed"),
+                 "--folds", "0", "--max-epochs", "1", "--override", "batch_size=8", "cache_workers=1",
+                 "spatial_size=[32,32,16]", "response_column=dx_class", "severity_column=dx_severity"]) == 0
+    assert pd.read_csv(tmp_path / "loso_renamed" / "leave_site_out.csv")["n"].tolist() == table["n"].tolist()
     with pytest.raises(SystemExit) as exit_:
         main(["robustness", "--leave-site-out", "--dataset-dir", str(cohort), "--output-dir", str(out), "--folds", "1"])
     assert exit_.value.code == 2
