@@ -83,12 +83,16 @@ def network_baseline_request(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
     overrides: dict | None = None, overwrite: bool = False,
 ):
-    """The child run of network baseline ``kind``: ``baselines/<kind>.json`` over ``train.json``, with the split's settings."""
+    """The child run of network baseline ``kind``: ``baselines/<kind>.json`` over ``train.json``, with the split's
+    settings and the reference run's way of reading the cohort (its label columns and BIDS session, where not the
+    defaults), so that it learns from the same scans and labels."""
+    from monai_mtl.run_folder import COHORT_READING, cohort_reading
     from monai_mtl.runs import CONFIG_DIR, DEFAULT_CONFIG, RunRequest
 
     settings = json.loads(Path(split_file).read_text()).get("settings", {})
+    reading = {k: v for k, v in cohort_reading(Path(split_file).parent).items() if v != COHORT_READING[k]}
     config = str(CONFIG_DIR / "baselines" / NETWORK_CONFIGS[kind])
-    return RunRequest([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**settings, **(overrides or {})}, overwrite)
+    return RunRequest([DEFAULT_CONFIG, config], dataset_dir, output_dir, {**reading, **settings, **(overrides or {})}, overwrite)
 
 
 def network_baseline_metrics(kind: str, split_file: str | os.PathLike, output_dir: str | os.PathLike) -> dict:

@@ -354,14 +354,23 @@ def run_setting(run_dir: str | os.PathLike, key: str, default: Any = None) -> An
     return json.loads(settings_file.read_text()).get("config", {}).get(key, default)
 
 
+#: the settings that decide how a cohort is read (which label columns, which BIDS session) and their defaults
+COHORT_READING = {"response_column": "response", "severity_column": "severity", "bids_session": None}
+
+
+def cohort_reading(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`COHORT_READING` settings run ``run_dir`` was trained with (the defaults for a key it does not store)."""
+    return {key: run_setting(run_dir, key, default) for key, default in COHORT_READING.items()}
+
+
 def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike):
-    """``dataset_dir``'s labels as run ``run_dir`` read them: its ``response_column``, ``severity_column`` and
-    ``bids_session`` (:func:`monai_mtl.cohort.read_cohort`), so a tool that predicts a run's test part (the
-    robustness sweep, the OOD report) reads the same scans and labels as its training did."""
+    """``dataset_dir``'s labels as run ``run_dir`` read them (:func:`cohort_reading`, :func:`monai_mtl.cohort.read_cohort`),
+    so a tool that predicts a run's test part (the robustness sweep, the OOD report) reads the same scans and labels
+    as its training did."""
     from monai_mtl.cohort import read_cohort
 
-    return read_cohort(dataset_dir, run_setting(run_dir, "response_column", "response"),
-                       run_setting(run_dir, "severity_column", "severity"), run_setting(run_dir, "bids_session"))
+    reading = cohort_reading(run_dir)
+    return read_cohort(dataset_dir, reading["response_column"], reading["severity_column"], reading["bids_session"])
 
 
 def check_run_settings(output_dir: str | os.PathLike, dataset_dir: str | os.PathLike) -> dict:
@@ -449,5 +458,5 @@ def _as_cli_value(value: object) -> object:
 __all__ = [
     "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "FORMER_GROUPS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
-    "start_training_run", "check_run_settings", "requested_settings",
+    "start_training_run", "check_run_settings", "requested_settings", "run_setting", "COHORT_READING", "cohort_reading", "read_run_cohort",
 ]

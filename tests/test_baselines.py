@@ -55,6 +55,26 @@ def test_single_task_baseline_trains_on_the_same_split_with_one_path(trained_run
     assert not any(k.startswith("response_head") for k in state) and any(k.startswith("severity_head") for k in state)
 
 
+def test_a_network_baseline_reads_the_cohort_as_the_reference_run_did(trained_run, tmp_path):
+    """A reference run trained with other label columns and a BIDS session: its baseline child run gets them too."""
+    import shutil
+
+    from monai_mtl.baselines import network_baseline_request
+
+    default = network_baseline_request("single-task-severity", "cohort", trained_run / "split.json", tmp_path / "b")
+    assert not {"response_column", "severity_column", "bids_session"} & set(default.overrides)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    shutil.copy(trained_run / "split.json", reference)
+    settings = json.loads((trained_run / "run_settings.json").read_text())
+    settings["config"].update(response_column="dx_class", severity_column="dx_severity", bids_session="2")
+    (reference / "run_settings.json").write_text(json.dumps(settings))
+    request = network_baseline_request("single-task-severity", "cohort", reference / "split.json", tmp_path / "b")
+    assert {k: request.overrides[k] for k in ("response_column", "severity_column", "bids_session")} == {
+        "response_column": "dx_class", "severity_column": "dx_severity", "bids_session": "2"}
+    assert request.overrides["seed"] == json.loads((trained_run / "split.json").read_text())["settings"]["seed"]
+
+
 def test_network_variants_keep_the_output_contract():
     import torch
 
