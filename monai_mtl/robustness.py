@@ -186,9 +186,9 @@ def artifact_sweep(
     min_scans = DEFAULT_MIN_SCANS if adapt_min_scans is None else adapt_min_scans
     if adapt_batchnorm and len(subject_ids) < min_scans:
         raise ConfigError(f"--adapt-batchnorm needs at least {min_scans} scans, {run_dir}'s {part} part has {len(subject_ids)}")
+    cohort = read_run_cohort(run_dir, dataset_dir)  # before anything is written: refuses another cohort
     with RunLock(output_dir):
         model = CheckpointPredictor(checkpoint, device)
-        cohort = read_run_cohort(run_dir, dataset_dir)
         datalist = model.with_covariates(to_datalist(cohort, subject_ids), cohort)
 
         def _row(records: list[dict], acquisition=(), **columns) -> dict:

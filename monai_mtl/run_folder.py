@@ -366,10 +366,24 @@ def cohort_reading(run_dir: str | os.PathLike) -> dict[str, Any]:
 def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike):
     """``dataset_dir``'s labels as run ``run_dir`` read them (:func:`cohort_reading`, :func:`monai_mtl.cohort.read_cohort`),
     so a tool that predicts a run's test part (the robustness sweep, the OOD report) reads the same scans and labels
-    as its training did."""
+    as its training did.
+
+    Raises:
+        CohortError: ``dataset_dir`` is not the cohort the run was trained on (its labels or images differ from the
+            fingerprint in the run's ``run_settings.json``): the run's part names would pick other subjects' scans.
+    """
     from monai_mtl.cohort import read_cohort
+    from monai_mtl.errors import CohortError
 
     reading = cohort_reading(run_dir)
+    settings_file = Path(run_dir) / SETTINGS_FILE
+    trained_on = json.loads(settings_file.read_text()).get("cohort") if settings_file.is_file() else None
+    if trained_on and cohort_fingerprint(dataset_dir, response_column=reading["response_column"],
+                                         severity_column=reading["severity_column"]) != trained_on:
+        split_file = Path(run_dir) / "split.json"
+        where = json.loads(split_file.read_text()).get("dataset_dir") if split_file.is_file() else None
+        raise CohortError(f"{dataset_dir} is not the cohort {run_dir} was trained on (its labels or images differ from "
+                          f"the run's {SETTINGS_FILE})" + (f"; it was trained on {where}" if where else ""))
     return read_cohort(dataset_dir, reading["response_column"], reading["severity_column"], reading["bids_session"])
 
 

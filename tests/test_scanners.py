@@ -209,6 +209,23 @@ def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohor
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_sweep_and_the_ood_report_refuse_a_cohort_the_run_was_not_trained_on(trained_run, train_cohort, tmp_path, capsys):
+    """Other labels under the same subject ids: the run's test part would name other scans; refused in one line."""
+    other = tmp_path / "other"
+    labels = pd.read_csv(train_cohort / "labels.csv")
+    other.mkdir()
+    labels.assign(image=[str(train_cohort / p) for p in labels["image"]],
+                  severity=labels["severity"].where(labels.index != 0, 50.0)).to_csv(other / "labels.csv", index=False)
+    for command in (["robustness", "--run", str(trained_run), "--kinds", "noise", "--grids"], ["trust", "--run", str(trained_run)]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--dataset-dir", str(other), "--output-dir", str(tmp_path / command[0])])
+        assert exit_.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(f"{other} is not the cohort {trained_run} was trained on (its labels or images differ from "
+                             f"the run's run_settings.json); it was trained on {train_cohort.absolute()}")
+    assert not (tmp_path / "robustness").exists() and not (tmp_path / "trust").exists()
+
+
 def test_the_sweep_with_adaptation_adds_the_adapted_figures_and_leaves_the_plain_ones_alone(trained_run, train_cohort,
                                                                                            tmp_path, capsys):
     """Each row adapted to its own scans, the stored statistics back before the next row: the plain columns equal a
