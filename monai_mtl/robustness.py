@@ -36,7 +36,7 @@ from monai_mtl.cohort import CohortError, read_cohort, to_datalist
 from monai_mtl.errors import ConfigError
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
-from monai_mtl.run_folder import RunLock, read_run_cohort, requested_settings
+from monai_mtl.run_folder import RunLock, read_run_cohort, requested_config
 from monai_mtl.transforms import ResampleToFieldOfViewd
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def leave_site_out(
 
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     # the labels as the trainings will read them: the label columns and session the config files and overrides name
-    requested = requested_settings(config_files, dataset_dir, output_dir, overrides)["config"]
+    requested = requested_config(config_files, dataset_dir, output_dir, overrides)
     labels = read_cohort(dataset_dir, requested.get("response_column", "response"),
                          requested.get("severity_column", "severity"), requested.get("bids_session"))
     if "site" not in labels.columns or labels["site"].nunique() < 2:

@@ -444,6 +444,14 @@ def requested_settings(
     Override values are read back as the command line gives them (``python-fire`` parses them as
     Python literals), so a parent compares like for like.
     """
+    return _settings(requested_config(config_files, dataset_dir, output_dir, overrides), dataset_dir)
+
+
+def requested_config(
+    config_files: Sequence[str], dataset_dir: str | os.PathLike, output_dir: str | os.PathLike,
+    overrides: Mapping[str, object] | None = None,
+) -> dict:
+    """The bundle config of such a child run, its files merged and overrides applied (expressions not evaluated)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -452,7 +460,7 @@ def requested_settings(
     values.update({k: _as_cli_value(v) for k, v in (overrides or {}).items()})
     parser.update(pairs=values)
     parser.resolve_macro_and_relative_ids()  # as ConfigWorkflow.initialize does before the child stores its settings
-    return _settings(parser.get(), dataset_dir)
+    return parser.get()
 
 
 def _settings(config: Mapping, dataset_dir: str | os.PathLike) -> dict:
@@ -472,5 +480,5 @@ def _as_cli_value(value: object) -> object:
 __all__ = [
     "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "FORMER_GROUPS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
-    "start_training_run", "check_run_settings", "requested_settings", "run_setting", "COHORT_READING", "cohort_reading", "read_run_cohort",
+    "start_training_run", "check_run_settings", "requested_settings", "requested_config", "run_setting", "COHORT_READING", "cohort_reading", "read_run_cohort",
 ]
