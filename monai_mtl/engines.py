@@ -12,6 +12,7 @@ from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.inferers import Inferer
 from monai.utils import CommonKeys
 
 from monai_mtl.errors import ConfigError
@@ -135,6 +136,50 @@ class MultiTaskEvaluator(SupervisedEvaluator):
 
     def __init__(self, *args: Any, prepare_batch: Any = None, decollate: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, prepare_batch=prepare_batch or MultiTaskPrepareBatch(), decollate=decollate, **kwargs)
+
+
+class ShiftAveragingInferer(Inferer):
+    """The network's outputs averaged over the scan moved by each of ``shifts`` voxels and the scan as it is.
+
+    The encoder strides and pools (32 x 32 x 8 after its stem), so a one-voxel move of the same anatomy changes
+    which voxels each pooled feature sees, and the severity read from them moves by about as much as it errs;
+    the errors of a few moved copies partly cancel in their mean (docs/experiments.md, "Shift averaging"). The
+    outputs are averaged as the network returns them: response logits (a geometric mean of the class
+    probabilities, which temperature scaling then calibrates) and the sigmoid severity. Moves wrap around
+    (``torch.roll``): the field of view's border is background. The scan as it is runs last, so a forward hook
+    (the OOD features, :class:`~monai_mtl.trust.FeatureRecorder`) keeps its features. MONAI's
+    ``TestTimeAugmentation`` inverts random spatial transforms of segmentations; a classifier's outputs need no
+    inversion, so a deterministic set of moves is all there is to it.
+
+    Args:
+        shifts: voxel moves ``[dx, dy, dz]`` along the network input's axes; empty: one pass (``SimpleInferer``).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        >>> ShiftAveragingInferer([[1, 0, 0], [-1, 0, 0]])(torch.zeros(2, 1, 4, 4, 2), net).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(self, shifts: Sequence[Sequence[int]] = ()) -> None:
+        super().__init__()
+        self.shifts = check_shifts(shifts)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs = [network(torch.roll(inputs, shift, dims=(2, 3, 4)), *args, **kwargs) for shift in self.shifts]
+        outputs.append(network(inputs, *args, **kwargs))
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(dim=0)
+
+
+def check_shifts(shifts: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """``shifts`` as a list of ``[dx, dy, dz]`` whole voxels, none of them ``[0, 0, 0]`` (the scan as it is always counts)."""
+    checked = []
+    for shift in shifts or ():
+        values = list(shift) if isinstance(shift, (list, tuple)) else None
+        if (values is None or len(values) != 3 or any(isinstance(v, bool) or not float(v).is_integer() for v in values)
+                or not any(values)):
+            raise ConfigError(f"test_time_shifts needs [dx, dy, dz] moves of whole voxels, not all 0; got {shift!r}")
+        checked.append([int(v) for v in values])
+    return checked
 
 
 def channels_last(network: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:

@@ -19,7 +19,8 @@ from monai_mtl.io import atomic_write_csv, atomic_write_json
 from monai_mtl.metrics import prediction_report
 from monai_mtl.networks import network_config
 from monai_mtl.outputs import prediction_table, split_output
-from monai_mtl.trust import FeatureRecorder, annotate, decode_calibrated, read_trust, trust_report
+from monai_mtl.trust import (FeatureRecorder, annotate, calibrated_shifts, decode_calibrated, inferer_shifts, read_trust,
+                             trust_report)
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +158,15 @@ class CheckpointPredictor:
         from monai.data import DataLoader, Dataset
         from monai.transforms import Compose
 
-        from monai_mtl.engines import COVARIATES_KEY, MultiTaskEvaluator
+        from monai_mtl.engines import COVARIATES_KEY, MultiTaskEvaluator, ShiftAveragingInferer
 
         if self.covariates is not None and any(COVARIATES_KEY not in record for record in datalist):
             raise CohortError(f"{self.checkpoint} was trained with the covariates {self.covariates.columns}: its records "
                               "need their vectors (CheckpointPredictor.with_covariates)")
         transform = Compose(self.preprocessing.transforms(acquisition=acquisition, severity_key="severity"))
         loader = DataLoader(Dataset(datalist, transform), batch_size=self.batch_size, shuffle=False)
-        return MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network)
+        return MultiTaskEvaluator(device=self.device, val_data_loader=loader, network=self.network,
+                                  inferer=ShiftAveragingInferer(calibrated_shifts(self.checkpoint)))
 
 
 def report_from_predictions(table: pd.DataFrame) -> dict:
@@ -284,6 +286,10 @@ def evaluate_checkpoint(
     load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
     check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
     trust = read_trust(checkpoint)
+    if trust is not None and inferer_shifts(evaluator) != calibrated_shifts(checkpoint):
+        raise CheckpointError(f"{checkpoint} was calibrated on outputs averaged over test_time_shifts "
+                              f"{calibrated_shifts(checkpoint)}, not {inferer_shifts(evaluator)}: its temperature and "
+                              "intervals would not fit; recalibrate it with those shifts (the 'recalibrating' workflow)")
     collector = PredictionCollector(trust)
     table = predict(evaluator, collector=collector)
     metrics = {"checkpoint": str(Path(checkpoint).absolute()), **report_from_predictions(table)}

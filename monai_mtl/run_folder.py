@@ -74,6 +74,10 @@ ADDED_SETTINGS = {
     "preprocessing_settings#bias_field_degree": "@bias_field_correction",
     # fits nothing (returns ``()``) unless intensity_normalization is ``histogram``, which came with it
     "preprocessing_settings#landmarks": _LANDMARKS_CALL + ")",
+    # no moves: the one pass of the ``SimpleInferer`` that the test and calibration evaluators had before
+    "test_time_shifts": [],
+    "predict_inferer#_target_": "monai_mtl.engines.ShiftAveragingInferer",
+    "predict_inferer#shifts": "@test_time_shifts",
 }
 _DATALISTS_CALL = ("$monai_mtl.cohort.prepare_datalists(@dataset_dir, @output_dir, seed=@seed, test_fraction=@test_fraction, "
                    "validation_fraction=@validation_fraction, validate_images=@validate_images, num_folds=@num_folds, "
@@ -85,6 +89,10 @@ FORMER_SETTINGS = {
     # before bias_field_correction (itself compared; 0 = the preprocessing of then): the same fit without that argument
     "preprocessing_settings#landmarks": (_LANDMARKS_CALL + ")", _LANDMARKS_CALL + ", bias_field_degree=@bias_field_correction)"),
     "validate#evaluator#network": ("@network", "@validation_network"),
+    # before test_time_shifts (itself compared; ``[]`` = one pass, as then): the checkpoint's predictions had the
+    # per-epoch validation's inferer
+    "test#evaluator#inferer": ("@validate::inferer", "@predict_inferer"),
+    "calibrate#validation_evaluator#inferer": ("@validate::inferer", "@predict_inferer"),
     "validate#named_handlers#best_model#network": ("@network", "@validation_network"),
     # before covariate_count_levels (itself compared; 0 = the encoding of then): the same call without that argument
     "datalists": (_DATALISTS_CALL + ")", _DATALISTS_CALL + ", covariate_count_levels=@covariate_count_levels)"),

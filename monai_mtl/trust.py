@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,9 @@ class TrustSettings:
     #: (``None``: the network's severity as it is; checkpoints calibrated before it was stored)
     severity_recalibration: str = "none"
     severity_lines: list | None = None
+    #: the voxel moves whose outputs the checkpoint's predictions average (:class:`~monai_mtl.engines.
+    #: ShiftAveragingInferer`, the ``test_time_shifts`` key), as calibrated; ``[]``: one pass (and checkpoints before it)
+    test_time_shifts: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -371,6 +374,18 @@ def annotate(table: pd.DataFrame, features: np.ndarray | None, settings: TrustSe
     return table
 
 
+def inferer_shifts(evaluator: Engine) -> list:
+    """The voxel moves ``evaluator``'s inferer averages over (``[]``: one pass, e.g. MONAI's ``SimpleInferer``)."""
+    return [list(shift) for shift in getattr(getattr(evaluator, "inferer", None), "shifts", ())]
+
+
+def calibrated_shifts(checkpoint: str | os.PathLike | None) -> list:
+    """The ``test_time_shifts`` a checkpoint was calibrated with (``[]`` without trust settings): what its predictions
+    average over wherever it predicts (evaluation, inference, :class:`~monai_mtl.evaluation.CheckpointPredictor`)."""
+    trust = read_trust(checkpoint)
+    return [] if trust is None else [list(shift) for shift in trust.test_time_shifts]
+
+
 def read_trust(checkpoint: str | os.PathLike | None) -> TrustSettings | None:
     """The trust settings stored in a checkpoint, or ``None`` (none stored, or no checkpoint)."""
     from monai_mtl.checkpoints import read_run_metadata
@@ -461,6 +476,7 @@ def calibrate_checkpoint(
     residuals = (np.abs(pred_severity - severity) if lines is None
                  else cross_fitted_residuals(pred_severity, pred_class, severity, severity_recalibration))
     severity_q = conformal_quantile(residuals, coverage)
+    shifts = inferer_shifts(validation_evaluator)  # what the validation outputs above were averaged over
     _, train_response, _, train_features = _outputs(train_evaluator, ood_layer)
     means, precision = fit_ood(train_features, train_response)
     threshold = float(np.quantile(ood_scores(val_features, means, precision), ood_quantile))
@@ -469,6 +485,7 @@ def calibrate_checkpoint(
         ood_layer=ood_layer, ood_means=means.tolist(), ood_precision=precision.tolist(), ood_threshold=threshold,
         ood_quantile=float(ood_quantile), calibration_size=len(response),
         severity_recalibration=severity_recalibration if lines is not None else "none", severity_lines=lines,
+        test_time_shifts=shifts,
     )
     state = load_state_dict_file(checkpoint)
     facts = read_run_metadata(checkpoint)

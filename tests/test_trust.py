@@ -256,3 +256,59 @@ def test_the_interval_after_recalibration_keeps_its_coverage():
     # six parameters fitted on the 60 scans the quantile is taken from: their residuals are too small
     assert np.mean(in_sample) < coverage - 0.01
     assert coverage <= np.mean(cross_fitted) < coverage + 0.03
+
+
+def test_shift_averaging_is_calibrated_into_the_checkpoint_and_used_wherever_it_predicts(run_copy, train_cohort, tmp_path):
+    from monai_mtl.checkpoints import CheckpointError
+    from monai_mtl.cohort import read_cohort, to_datalist
+    from monai_mtl.evaluation import CheckpointPredictor
+
+    configs = [str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")]
+    single = pd.read_csv(run_copy / "test_predictions.csv")
+    shifts = [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]]
+    # calibrate again and test again on outputs averaged over the scan and four one-voxel moves
+    run_bundle("recalibrating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy), test_time_shifts=shifts)
+    assert read_trust(run_copy / "model.pt").test_time_shifts == shifts
+    assert json.loads((run_copy / "run_settings.json").read_text())["config"]["test_time_shifts"] == shifts
+    averaged = pd.read_csv(run_copy / "test_predictions.csv")
+    assert not np.allclose(averaged["pred_severity"], single["pred_severity"])  # the moves change the outputs
+    # the robustness and OOD tools' predictor averages over the same moves: the same test predictions
+    predictor = CheckpointPredictor(run_copy / "model.pt")
+    test_ids = json.loads((run_copy / "split.json").read_text())["test"]
+    again = predictor.predict(to_datalist(read_cohort(train_cohort), test_ids))
+    np.testing.assert_allclose(again["pred_severity"], averaged["pred_severity"], atol=1e-4)
+    # evaluation takes the moves from the checkpoint; other moves than it was calibrated with are refused
+    run_bundle("evaluating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy))
+    assert json.loads((run_copy / "metrics.json").read_text())["severity_mae"] == pytest.approx(
+        json.loads((run_copy / "test_metrics.json").read_text())["severity_mae"])
+    error = raised_error(CheckpointError, run_bundle, "evaluating", configs, dataset_dir=str(train_cohort),
+                         output_dir=str(run_copy), test_time_shifts=[])
+    assert "calibrated on outputs averaged over test_time_shifts [[1, 0, 0]" in str(error)
+    # inference too: a CSV of the test scans gets the test predictions
+    labels = read_cohort(train_cohort).set_index("subject_id").loc[test_ids]
+    labels[["image"]].to_csv(tmp_path / "inputs.csv", index=False)
+    run_bundle("run", str(BUNDLE_CONFIGS / "inference.json"), dataset_dir=str(tmp_path / "inputs.csv"),
+               ckpt_path=str(run_copy / "model.pt"), output_dir=str(tmp_path / "predictions"))
+    inferred = pd.read_csv(tmp_path / "predictions" / "predictions.csv")
+    np.testing.assert_allclose(inferred["pred_severity"], averaged["pred_severity"], atol=1e-3)
+
+
+def test_the_shift_averaging_inferer_averages_the_moved_scans_and_runs_the_scan_as_it_is_last():
+    from monai_mtl.engines import ShiftAveragingInferer
+    from monai_mtl.errors import ConfigError
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    scans = torch.randn(3, 1, 6, 6, 4)
+    seen = []
+    network[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    shifts = [[1, 0, 0], [0, -2, 1]]
+    averaged = ShiftAveragingInferer(shifts)(scans, network)
+    expected = (network(torch.roll(scans, (1, 0, 0), dims=(2, 3, 4))) + network(torch.roll(scans, (0, -2, 1), dims=(2, 3, 4)))
+                + network(scans)) / 3
+    torch.testing.assert_close(averaged, expected)
+    assert torch.equal(seen[2], scans)  # the hook's last look (the OOD features) is at the scan as it is
+    torch.testing.assert_close(ShiftAveragingInferer([])(scans, network), network(scans))
+    for bad in ([[0, 0, 0]], [[1, 0]], [[0.5, 0, 0]], [[True, 0, 0]]):
+        with pytest.raises(ConfigError, match="test_time_shifts needs"):
+            ShiftAveragingInferer(bad)
