@@ -7,6 +7,7 @@ comparable; absolute numbers depend on the machine (its cores and torch build ar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -268,17 +269,20 @@ def bench_infer(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         network = _bundle_network("train.json")[0]  # inference builds the network a checkpoint stores: store it
         torch.save(with_run_metadata(network.state_dict(), network=network_config(network),
                                      preprocessing=Preprocessing().to_dict()), ckpt)
-        for saliency in (False, True):
+        # train.json's test_time_shifts, set here on the inferer (a calibrated checkpoint stores them in its trust settings)
+        shifts = json.loads((CONFIGS / "train.json").read_text())["test_time_shifts"]
+        for saliency, moves in ((False, []), (False, shifts), (True, [])):
             workflow = ConfigWorkflow(
                 config_file=config, workflow_type="infer", logging_file=False,
-                dataset_dir=str(cohort / "images"), output_dir=str(Path(tmp) / f"out{saliency}"),
-                ckpt_path=str(ckpt), saliency=saliency, saliency_png=0,
+                dataset_dir=str(cohort / "images"), output_dir=str(Path(tmp) / f"out{saliency}{len(moves)}"),
+                ckpt_path=str(ckpt), saliency=saliency, saliency_png=0, **{"inferer#shifts": moves},
             )
             workflow.initialize()
             start = time.perf_counter()
             workflow.run()
             seconds = time.perf_counter() - start
             what = f"inference on {args.infer_samples} volumes" + (" + Grad-CAM NIfTI (2 heads)" if saliency else "")
+            what += f", averaged over the scan and {len(moves)} one-voxel moves (test_time_shifts)" if moves else ""
             rows.append((what, f"{seconds:.1f} s", f"{args.infer_samples / seconds:.0f} vol/s"))
     return rows
 

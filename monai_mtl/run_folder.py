@@ -436,11 +436,15 @@ def record_calibration_settings(output_dir: str | os.PathLike, **values: object)
     if not settings_file.is_file():
         return
     stored = json.loads(settings_file.read_text())
-    recorded = json.loads(json.dumps(values, default=str))
-    changed = {k: v for k, v in recorded.items() if stored.get("config", {}).get(k, ADDED_SETTINGS.get(k)) != v}
-    if changed:
-        logger.info("%s: calibration settings recorded: %s", settings_file, changed)
-        atomic_write_json(settings_file, {**stored, "config": {**stored.get("config", {}), **recorded}})
+    config = stored.get("config", {})
+    # flattened as a training stores its settings (a list of moves is ``test_time_shifts#0`` ...), replacing every
+    # stored leaf of each recorded key (a shorter list leaves none behind)
+    recorded = flatten(json.loads(json.dumps(values, default=str)))
+    kept = {k: v for k, v in config.items() if not any(k == key or k.startswith(f"{key}#") for key in values)}
+    if {**kept, **recorded} != config:
+        changed = {k: v for k, v in recorded.items() if config.get(k, ADDED_SETTINGS.get(k)) != v}
+        logger.info("%s: calibration settings recorded: %s", settings_file, changed or values)
+        atomic_write_json(settings_file, {**stored, "config": {**kept, **recorded}})
 
 
 def requested_settings(

@@ -264,12 +264,21 @@ def test_shift_averaging_is_calibrated_into_the_checkpoint_and_used_wherever_it_
     from monai_mtl.evaluation import CheckpointPredictor
 
     configs = [str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")]
-    single = pd.read_csv(run_copy / "test_predictions.csv")
     shifts = [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]]
+    assert read_trust(run_copy / "model.pt").test_time_shifts == shifts  # train.json's default, calibrated by the training
+    run_bundle("recalibrating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy), test_time_shifts=[])
+    assert read_trust(run_copy / "model.pt").test_time_shifts == []
+    single = pd.read_csv(run_copy / "test_predictions.csv")
     # calibrate again and test again on outputs averaged over the scan and four one-voxel moves
     run_bundle("recalibrating", configs, dataset_dir=str(train_cohort), output_dir=str(run_copy), test_time_shifts=shifts)
     assert read_trust(run_copy / "model.pt").test_time_shifts == shifts
-    assert json.loads((run_copy / "run_settings.json").read_text())["config"]["test_time_shifts"] == shifts
+    # recorded as a training with them would have stored them: the run counts as made with these settings
+    from monai_mtl.run_folder import differences, requested_settings
+
+    stored = json.loads((run_copy / "run_settings.json").read_text())["config"]
+    requested = requested_settings([str(BUNDLE_CONFIGS / "train.json")], train_cohort, run_copy,
+                                   {"batch_size": 8, "test_time_shifts": shifts})["config"]
+    assert differences(stored, requested) == []
     averaged = pd.read_csv(run_copy / "test_predictions.csv")
     assert not np.allclose(averaged["pred_severity"], single["pred_severity"])  # the moves change the outputs
     # the robustness and OOD tools' predictor averages over the same moves: the same test predictions
@@ -282,7 +291,7 @@ def test_shift_averaging_is_calibrated_into_the_checkpoint_and_used_wherever_it_
     assert json.loads((run_copy / "metrics.json").read_text())["severity_mae"] == pytest.approx(
         json.loads((run_copy / "test_metrics.json").read_text())["severity_mae"])
     error = raised_error(CheckpointError, run_bundle, "evaluating", configs, dataset_dir=str(train_cohort),
-                         output_dir=str(run_copy), test_time_shifts=[])
+                         output_dir=str(run_copy), test_time_shifts=[[0, 0, 1]])
     assert "calibrated on outputs averaged over test_time_shifts [[1, 0, 0]" in str(error)
     # inference too: a CSV of the test scans gets the test predictions
     labels = read_cohort(train_cohort).set_index("subject_id").loc[test_ids]

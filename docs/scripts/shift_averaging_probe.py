@@ -1,0 +1,45 @@
+"""Shift averaging (``test_time_shifts``) on a CV's validation parts, clean and re-rendered on other grids.
+
+``python docs/scripts/shift_averaging_probe.py CV_DIR [FOLD ...]``: for each fold's checkpoint, the validation part
+predicted in one pass and averaged over the scan and the four one-voxel moves along x and y (the logits and severities
+averaged as ``monai_mtl.engines.ShiftAveragingInferer`` does, then the checkpoint's temperature), on the cohort's own
+grid and on 80 x 72 x 24, 48 x 48 x 12 and 128 x 128 x 32 (same field of view). The checkpoints need not have been
+calibrated with the moves: the probe sets them (docs/experiments.md, "Shift averaging").
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import monai_mtl.evaluation as ev
+from monai_mtl.cohort import read_cohort, to_datalist
+from monai_mtl.robustness import regrid_subjects
+
+#: train.json's default ``test_time_shifts``
+SHIFTS = json.loads((Path(__file__).parents[2] / "bundle" / "configs" / "train.json").read_text())["test_time_shifts"]
+GRIDS = ((80, 72, 24), (48, 48, 12), (128, 128, 32), None)  # None: the cohort's own grid
+
+
+def main() -> None:
+    cv = Path(sys.argv[1])
+    folds = sys.argv[2:] or sorted(p.name.split("_")[1] for p in cv.glob("fold_*") if p.is_dir())
+    table = read_cohort("data/synthetic")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fold in folds:
+            run = cv / f"fold_{fold}"
+            ids = json.loads((run / "split.json").read_text())["validation"]
+            for shape in GRIDS:
+                name = "x".join(map(str, shape)) if shape else "clean"
+                records = to_datalist(table, ids) if shape is None else regrid_subjects("data/synthetic", ids, shape, Path(tmp) / f"{fold}_{name}")
+                out = {}
+                for kind, shifts in (("one pass", []), ("averaged", SHIFTS)):
+                    ev.calibrated_shifts = lambda checkpoint, s=shifts: s  # the predictor's moves, whatever it was calibrated with
+                    p = ev.CheckpointPredictor(run / "model.pt").predict(records)
+                    out[kind] = f"{np.mean(p['pred_response'] == p['true_response']):.4f} / {np.mean(np.abs(p['pred_severity'] - p['true_severity'])):.3f}"
+                print(f"fold {fold} {name}: one pass {out['one pass']}; averaged {out['averaged']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
