@@ -221,7 +221,8 @@ def _fit_classical_baseline(
     kind: str, dataset_dir: str | os.PathLike, split_file: str | os.PathLike, output_dir: str | os.PathLike,
     covariates: Sequence[str] | None = None,
 ) -> dict:
-    table = read_run_cohort(Path(split_file).parent, dataset_dir).set_index("subject_id", drop=False)
+    # its own model on the run's split: the cohort may have gained columns (covariates) since the run; the ids are checked
+    table = read_run_cohort(Path(split_file).parent, dataset_dir, same_cohort=False).set_index("subject_id", drop=False)
     split = json.loads(Path(split_file).read_text())
     missing = sorted(set(split["test"] + split["train"] + split["validation"]) - set(table.index))[:3]
     if missing:

@@ -371,10 +371,11 @@ def cohort_reading(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {key: run_setting(run_dir, key, default) for key, default in COHORT_READING.items()}
 
 
-def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike):
+def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, same_cohort: bool = True):
     """``dataset_dir``'s labels as run ``run_dir`` read them (:func:`cohort_reading`, :func:`monai_mtl.cohort.read_cohort`),
     so a tool that predicts a run's test part (the robustness sweep, the OOD report) reads the same scans and labels
-    as its training did.
+    as its training did. ``same_cohort=False`` skips the check below, for tools that fit their own model on the run's
+    split (the scikit-learn baselines), where the cohort may have gained columns since.
 
     Raises:
         CohortError: ``dataset_dir`` is not the cohort the run was trained on (its labels or images differ from the
@@ -386,7 +387,7 @@ def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike):
     reading = cohort_reading(run_dir)
     settings_file = Path(run_dir) / SETTINGS_FILE
     trained_on = json.loads(settings_file.read_text()).get("cohort") if settings_file.is_file() else None
-    if trained_on and cohort_fingerprint(dataset_dir, response_column=reading["response_column"],
+    if same_cohort and trained_on and cohort_fingerprint(dataset_dir, response_column=reading["response_column"],
                                          severity_column=reading["severity_column"]) != trained_on:
         split_file = Path(run_dir) / "split.json"
         where = json.loads(split_file.read_text()).get("dataset_dir") if split_file.is_file() else None
