@@ -75,12 +75,14 @@ def test_dataset_that_does_not_match_the_split_is_refused(tiny_cohort, run_copy)
 def test_empty_test_part_is_refused_and_writes_nothing(trained_run, tmp_path):
     from monai.data import DataLoader, Dataset
 
-    from monai_mtl.engines import MultiTaskEvaluator
+    from monai_mtl.engines import MultiTaskEvaluator, ShiftAveragingInferer
     from monai_mtl.evaluation import evaluate_checkpoint
     from monai_mtl.networks import DualPathNet
+    from monai_mtl.trust import calibrated_shifts
 
     network = DualPathNet(dropout=0.1)
-    evaluator = MultiTaskEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset([]), batch_size=4), network=network)
+    evaluator = MultiTaskEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset([]), batch_size=4), network=network,
+                                   inferer=ShiftAveragingInferer(calibrated_shifts(trained_run / "model.pt")))  # as calibrated
     with pytest.raises(ValueError, match="the evaluation data is empty"):
         evaluate_checkpoint(evaluator, network, trained_run / "model.pt", tmp_path / "out", prefix="", figures=True)
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "out" / "predictions.csv").exists()
