@@ -286,9 +286,9 @@ def evaluate_checkpoint(
     load_weights(network, checkpoint, device=getattr(evaluator.state, "device", None) or "cpu")
     check_no_leakage(checkpoint, _evaluated_subjects(evaluator), allow_overlap)
     trust = read_trust(checkpoint)
-    if trust is not None and inferer_shifts(evaluator) != calibrated_shifts(checkpoint):
+    if trust is not None and inferer_shifts(evaluator) != trust.test_time_shifts:
         raise CheckpointError(f"{checkpoint} was calibrated on outputs averaged over test_time_shifts "
-                              f"{calibrated_shifts(checkpoint)}, not {inferer_shifts(evaluator)}: its temperature and "
+                              f"{trust.test_time_shifts}, not {inferer_shifts(evaluator)}: its temperature and "
                               "intervals would not fit; recalibrate it with those shifts (the 'recalibrating' workflow)")
     collector = PredictionCollector(trust)
     table = predict(evaluator, collector=collector)

@@ -353,22 +353,27 @@ def start_training_run(output_dir: str | os.PathLike, resume: bool = True) -> No
         fresh_start(output_dir)
 
 
+def _stored_settings(run_dir: str | os.PathLike) -> dict:
+    """A run folder's ``run_settings.json`` (``{}`` without one: a run of an older version, or no training run)."""
+    settings_file = Path(run_dir) / SETTINGS_FILE
+    return json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+
+
 def run_setting(run_dir: str | os.PathLike, key: str, default: Any = None) -> Any:
     """The bundle setting ``key`` run ``run_dir`` was trained with (its ``run_settings.json``); ``default`` without
-    that file or key (a run of an older version, or a folder that is no training run)."""
-    settings_file = Path(run_dir) / SETTINGS_FILE
-    if not settings_file.is_file():
-        return default
-    return json.loads(settings_file.read_text()).get("config", {}).get(key, default)
+    that file or key."""
+    return _stored_settings(run_dir).get("config", {}).get(key, default)
 
 
 #: the settings that decide how a cohort is read (which label columns, which BIDS session) and their defaults
 COHORT_READING = {"response_column": "response", "severity_column": "severity", "bids_session": None}
 
 
-def cohort_reading(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The :data:`COHORT_READING` settings run ``run_dir`` was trained with (the defaults for a key it does not store)."""
-    return {key: run_setting(run_dir, key, default) for key, default in COHORT_READING.items()}
+def cohort_reading(run_dir: str | os.PathLike, stored: dict | None = None) -> dict[str, Any]:
+    """The :data:`COHORT_READING` settings run ``run_dir`` was trained with (the defaults for a key it does not store);
+    ``stored``: its settings, when already read."""
+    config = (_stored_settings(run_dir) if stored is None else stored).get("config", {})
+    return {key: config.get(key, default) for key, default in COHORT_READING.items()}
 
 
 def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, same_cohort: bool = True):
@@ -384,9 +389,8 @@ def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, 
     from monai_mtl.cohort import read_cohort
     from monai_mtl.errors import CohortError
 
-    reading = cohort_reading(run_dir)
-    settings_file = Path(run_dir) / SETTINGS_FILE
-    trained_on = json.loads(settings_file.read_text()).get("cohort") if settings_file.is_file() else None
+    stored = _stored_settings(run_dir)
+    reading, trained_on = cohort_reading(run_dir, stored), stored.get("cohort")
     if same_cohort and trained_on and cohort_fingerprint(dataset_dir, response_column=reading["response_column"],
                                          severity_column=reading["severity_column"]) != trained_on:
         split_file = Path(run_dir) / "split.json"
