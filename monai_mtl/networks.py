@@ -39,7 +39,41 @@ class MixedPool3d(nn.Module):
         return mix * nn.functional.max_pool3d(x, self.kernel_size) + (1 - mix) * nn.functional.avg_pool3d(x, self.kernel_size)
 
 
-def _pool(pooling: str, channels: int) -> nn.Module:
+class BlurDownsample3d(nn.Module):
+    """A fixed binomial low-pass ``[1, 2, 1] / 4`` per strided axis, then subsampling by ``stride`` (Zhang, ICML 2019).
+
+    "Making convolutional networks shift-invariant again": a strided convolution or a max pool
+    samples its input without a low-pass first, so the same anatomy one voxel further along
+    reaches the next layer through other samples (aliasing). Blurring before the subsampling
+    removes the frequencies the coarser grid cannot hold. Axes with stride 1 are not blurred
+    (``stride`` ``(2, 2, 1)`` blurs x and y only). Depthwise and without parameters; edges
+    replicate (the volumes' background is uniform). ``stride`` 1 blurs on the same grid.
+    Neither MONAI nor torch has this layer (MONAI's ``GaussianFilter`` does not subsample).
+    """
+
+    def __init__(self, channels: int, stride: int | Sequence[int] = 2, blur: int | Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.stride = _triple(stride)
+        axes = self.stride if blur is None else _triple(blur)  # the axes to low-pass (default: the strided ones)
+        taps = [torch.tensor([1.0, 2.0, 1.0]) / 4 if a > 1 else torch.ones(1) for a in axes]
+        kernel = taps[0].view(-1, 1, 1) * taps[1].view(1, -1, 1) * taps[2].view(1, 1, -1)
+        self.channels = channels
+        # derived from the constructor arguments: not a learned state, so not in checkpoints
+        self.register_buffer("kernel", kernel.expand(channels, 1, *kernel.shape).contiguous(), persistent=False)
+        self.padding = [p for k in reversed(kernel.shape) for p in ((k - 1) // 2, (k - 1) // 2)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = nn.functional.pad(x, self.padding, mode="replicate")
+        return nn.functional.conv3d(padded, self.kernel.to(x.dtype), stride=self.stride, groups=self.channels)
+
+
+def _triple(value: int | Sequence[int]) -> list[int]:
+    return [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
+
+
+def _pool(pooling: str, channels: int, anti_alias: bool = False) -> nn.Module:
+    if anti_alias:  # Zhang's MaxBlurPool: the max over each 2-voxel neighbourhood, then a blurred subsampling
+        return nn.Sequential(nn.MaxPool3d(kernel_size=2, stride=1), BlurDownsample3d(channels, stride=2))
     if pooling == "max":
         return nn.MaxPool3d(kernel_size=2)
     if pooling == "avg":
@@ -48,14 +82,20 @@ def _pool(pooling: str, channels: int) -> nn.Module:
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True,
-                pooling: str = "max") -> nn.Sequential:
-    layers: list[nn.Module] = [
+                pooling: str = "max", anti_alias: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if anti_alias and max(_triple(stride)) > 1:
+        # the low-pass before the strided convolution: both are linear, so blur-then-convolve-with-stride is
+        # the convolution evaluated everywhere, blurred and subsampled (Zhang's ConvBlurPool without the
+        # ReLU in between), at the cost of one depthwise blur instead of a full-resolution convolution
+        layers.append(BlurDownsample3d(in_channels, stride=1, blur=stride))
+    layers += [
         nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm3d(out_channels),
         nn.ReLU(inplace=True),
     ]
     if pool:
-        layers.append(_pool(pooling, out_channels))
+        layers.append(_pool(pooling, out_channels, anti_alias))
     return nn.Sequential(*layers)
 
 
@@ -187,6 +227,9 @@ class DualPathNet(nn.Module):
         pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN), ``avg``
             (keeps sums of intensities over a region, what an atrophy's partial volume changes) or
             ``mixed`` (a learned mix of the two per channel, :class:`MixedPool3d`).
+        anti_alias: a low-pass before every subsampling of the encoder (:class:`BlurDownsample3d` before
+            each strided convolution, and max pooling as Zhang's MaxBlurPool), so that a scan moved by
+            a voxel reaches the heads as nearly the same features; only with ``pooling`` ``max``.
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
@@ -212,6 +255,7 @@ class DualPathNet(nn.Module):
         covariate_fusion: str = "concat",
         response_encoder_gradient: float = 1.0,
         pooling: str = "max",
+        anti_alias: bool = False,
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -226,6 +270,10 @@ class DualPathNet(nn.Module):
             raise ConfigError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         if pooling != "max":  # recorded only when used, like the covariates
             self.init_args["pooling"] = pooling
+        if anti_alias and pooling != "max":
+            raise ConfigError(f"anti_alias is built for pooling 'max' (MaxBlurPool), got pooling {pooling!r}")
+        if anti_alias:
+            self.init_args["anti_alias"] = True
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
         if response_encoder_gradient != 1.0:
@@ -249,7 +297,8 @@ class DualPathNet(nn.Module):
         def blocks(first: int, last: int) -> nn.Sequential:
             # no pooling after the strided stem nor after the last block (the heads pool globally)
             return nn.Sequential(*(
-                _conv_block(widths[i], widths[i + 1], stride=strides[i], pool=0 < i < len(channels) - 1, pooling=pooling)
+                _conv_block(widths[i], widths[i + 1], stride=strides[i], pool=0 < i < len(channels) - 1, pooling=pooling,
+                            anti_alias=anti_alias)
                 for i in range(first, last)
             ))
 

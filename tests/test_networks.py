@@ -99,3 +99,38 @@ def test_mixed_pooling_spans_max_and_average_and_learns_its_gates():
     rebuilt = build_network(network_config(net))
     assert network_config(rebuilt)["pooling"] == "mixed"
     torch.jit.script(rebuilt.eval())  # the export still scripts it
+
+
+def test_blur_downsample_removes_what_the_coarser_grid_cannot_hold():
+    from monai_mtl.networks import BlurDownsample3d
+
+    # the highest frequency along x (+1, -1, ...): plain subsampling keeps +1 or -1 depending on a one-voxel move;
+    # the low-pass removes it, so both moves give the same (zero) interior
+    x = torch.ones(1, 2, 8, 6, 4) * torch.tensor([1.0, -1.0] * 4).view(1, 1, 8, 1, 1)
+    down = BlurDownsample3d(2, stride=(2, 1, 1))
+    assert down(x).shape == (1, 2, 4, 6, 4)
+    torch.testing.assert_close(down(x)[:, :, 1:], torch.zeros(1, 2, 3, 6, 4))
+    torch.testing.assert_close(down(x.roll(1, dims=2))[:, :, 1:], torch.zeros(1, 2, 3, 6, 4))
+    assert x[:, :, ::2].abs().min() == 1  # what a strided layer without it samples
+    # a constant passes unchanged, at every stride; stride 1 blurs on the same grid
+    torch.testing.assert_close(BlurDownsample3d(3)(torch.full((1, 3, 8, 8, 4), 2.5)), torch.full((1, 3, 4, 4, 2), 2.5))
+    assert BlurDownsample3d(3, stride=1, blur=2)(torch.rand(1, 3, 8, 8, 4)).shape == (1, 3, 8, 8, 4)
+    assert not dict(BlurDownsample3d(3).state_dict())  # the fixed kernel is not a checkpoint entry
+
+
+def test_anti_aliased_encoder_keeps_the_grids_is_stored_only_when_used_and_checked():
+    from monai_mtl.networks import BlurDownsample3d, build_network, network_config
+
+    assert "anti_alias" not in network_config(DualPathNet())
+    assert not any(isinstance(m, BlurDownsample3d) for m in DualPathNet().modules())
+    net = DualPathNet(anti_alias=True)
+    blurs = [m for m in net.encoder.modules() if isinstance(m, BlurDownsample3d)]
+    assert len(blurs) == 4  # before the two strided convolutions, and in the two middle blocks' pooling
+    x = torch.rand(2, 1, 64, 64, 16)
+    assert net.encoder(x).shape == DualPathNet().encoder(x).shape  # the same grids: 4 x 4 x 1 at the end
+    rebuilt = build_network(network_config(net))
+    assert network_config(rebuilt)["anti_alias"] is True
+    rebuilt.load_state_dict(net.state_dict())  # a checkpoint of it loads into the network its settings rebuild
+    with pytest.raises(ValueError, match="anti_alias is built for pooling 'max'"):
+        DualPathNet(anti_alias=True, pooling="avg")
+    torch.jit.script(net.eval())  # the export still scripts it
