@@ -165,7 +165,9 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--kind", choices=KINDS, nargs="+", required=True,
                    help="which baseline(s); several network baselines run --jobs at a time")
-    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv (and atlas.nii.gz)")
+    p.add_argument("--dataset-dir", default=None,
+                   help="cohort folder with labels.csv (and atlas.nii.gz; default: the folder the split was made from, "
+                        "as the split.json, or fold 0's, records it; else data/synthetic)")
     p.add_argument("--split", default="runs/train/split.json",
                    help="split.json of the run to compare with, or a cross-validation folder (its fold_<i>/split.json)")
     p.add_argument("--output-dir", default=None, help="where to write (default: runs/baselines/<kind>, or "
@@ -179,9 +181,12 @@ def _add_baseline(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_baseline(args: argparse.Namespace) -> int:
     from monai_mtl.baselines import run_baselines, run_baselines_cv
+    from monai_mtl.run_folder import run_dataset_dir
 
     kinds = list(dict.fromkeys(args.kind))
     cross_validation = Path(args.split).is_dir()
+    split_file = Path(args.split) / "fold_0" / "split.json" if cross_validation else Path(args.split)
+    args.dataset_dir = args.dataset_dir or run_dataset_dir(None, split_file)
     if args.output_dir is not None and len(kinds) > 1:
         raise ValueError(f"--output-dir names one folder, but {len(kinds)} kinds were given: leave it out "
                          "(each kind writes to its default folder)")
@@ -243,7 +248,9 @@ def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--run", default=None, help="training run folder (model.pt, split.json) for the artifact sweep")
-    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--dataset-dir", default=None,
+                   help="cohort folder with labels.csv (default: with --run, the folder the run was trained on, as its "
+                        "split.json records it; else data/synthetic)")
     p.add_argument("--output-dir", default=None, help="where to write (default: <run>/robustness or runs/leave_site_out)")
     p.add_argument("--kinds", nargs="+", choices=sorted(ARTIFACT_KINDS), default=None, help="artifact kinds (default: all)")
     p.add_argument("--grids", nargs="*", default=None, metavar="XxYxZ",
@@ -263,10 +270,12 @@ def _add_robustness(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_robustness(args: argparse.Namespace) -> int:
     from monai_mtl.robustness import DEFAULT_GRIDS, DEFAULT_STRENGTHS, artifact_sweep, leave_site_out
+    from monai_mtl.run_folder import run_dataset_dir
     from monai_mtl.runs import DEFAULT_CONFIG
 
     if args.run is None and not args.leave_site_out:
         raise ValueError("give --run RUN_DIR (artifact sweep), --leave-site-out, or both")
+    args.dataset_dir = args.dataset_dir or run_dataset_dir(args.run)
     if args.run is not None:
         strengths = {k: DEFAULT_STRENGTHS[k] for k in (args.kinds or DEFAULT_STRENGTHS)}
         grids = DEFAULT_GRIDS if args.grids is None else [_grid(g) for g in args.grids]
@@ -292,7 +301,9 @@ def _add_floor(subparsers: argparse._SubParsersAction) -> None:
         "The severity needs a synthetic single-site cohort.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder made by generate (cohort.json)")
+    p.add_argument("--dataset-dir", default=None,
+                   help="cohort folder made by generate (cohort.json; default: the folder the split was made from, as "
+                        "the split.json records it; else data/synthetic)")
     p.add_argument("--split", default="runs/train/split.json",
                    help="a run's split.json, or a cv output folder (each fold_K/split.json, written to its fold)")
     p.add_argument("--part", choices=("train", "validation", "test"), default="test", help="split part")
@@ -305,6 +316,7 @@ def _add_floor(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_floor(args: argparse.Namespace) -> int:
     from monai_mtl.floor import information_limit
+    from monai_mtl.run_folder import run_dataset_dir
 
     split = Path(args.split)
     if split.is_dir():  # a cv folder: the limit on each fold's part, beside the fold's own figures
@@ -316,7 +328,8 @@ def _run_floor(args: argparse.Namespace) -> int:
     else:
         splits = [split]
     for split_file in splits:
-        information_limit(args.dataset_dir, split_file, args.part, args.output_dir, args.workers,
+        dataset_dir = args.dataset_dir or run_dataset_dir(None, split_file)
+        information_limit(dataset_dir, split_file, args.part, args.output_dir, args.workers,
                           severity=not args.response_only)
     return 0
 
@@ -333,7 +346,9 @@ def _add_trust(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--run", default="runs/train", help="training run folder (model.pt, split.json)")
-    p.add_argument("--dataset-dir", default="data/synthetic", help="cohort folder with labels.csv")
+    p.add_argument("--dataset-dir", default=None,
+                   help="cohort folder with labels.csv (default: the folder the run was trained on, as its split.json "
+                        "records it; else data/synthetic)")
     p.add_argument("--output-dir", default=None, help="where to write (default: <run>/trust)")
     p.add_argument("--per-kind", type=int, default=40, help="scans of each made-up kind")
     p.add_argument("--seed", type=int, default=0, help="seed of the made-up scans")
@@ -341,9 +356,10 @@ def _add_trust(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_trust(args: argparse.Namespace) -> int:
+    from monai_mtl.run_folder import run_dataset_dir
     from monai_mtl.trust import ood_report
 
-    ood_report(args.run, args.dataset_dir, args.output_dir, args.per_kind, args.seed)
+    ood_report(args.run, args.dataset_dir or run_dataset_dir(args.run), args.output_dir, args.per_kind, args.seed)
     return 0
 
 

@@ -377,6 +377,28 @@ def cohort_reading(run_dir: str | os.PathLike, stored: dict | None = None) -> di
     return {key: config.get(key, default) for key, default in COHORT_READING.items()}
 
 
+def trained_dataset_dir(split_file: str | os.PathLike) -> str | None:
+    """The cohort folder a run's ``split.json`` says it was made from, ``None`` when it records none."""
+    split_file = Path(split_file)
+    return json.loads(split_file.read_text()).get("dataset_dir") if split_file.is_file() else None
+
+
+def run_dataset_dir(run_dir: str | os.PathLike | None, split_file: str | os.PathLike | None = None,
+                    fallback: str = "data/synthetic") -> str:
+    """Where a tool that reads a run's cohort looks when not told: the folder the run was trained on (its
+    ``split.json``; ``split_file`` instead of ``<run_dir>/split.json``) while that folder exists, else ``fallback``.
+
+    A run folder copied from another machine records a path that may not exist here; the fallback is then read and
+    checked against the run's cohort fingerprint (:func:`read_run_cohort`), which names the recorded folder.
+    """
+    split_file = Path(split_file) if split_file is not None else Path(run_dir) / "split.json" if run_dir else None
+    where = trained_dataset_dir(split_file) if split_file is not None else None
+    if where and Path(where).is_dir():
+        logger.info("cohort: %s (where %s was made; --dataset-dir to read another)", where, split_file)
+        return where
+    return fallback
+
+
 def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, same_cohort: bool = True):
     """``dataset_dir``'s labels as run ``run_dir`` read them (:func:`cohort_reading`, :func:`monai_mtl.cohort.read_cohort`),
     so a tool that predicts a run's test part (the robustness sweep, the OOD report) reads the same scans and labels
@@ -394,8 +416,7 @@ def read_run_cohort(run_dir: str | os.PathLike, dataset_dir: str | os.PathLike, 
     reading, trained_on = cohort_reading(run_dir, stored), stored.get("cohort")
     if same_cohort and trained_on and cohort_fingerprint(dataset_dir, response_column=reading["response_column"],
                                          severity_column=reading["severity_column"]) != trained_on:
-        split_file = Path(run_dir) / "split.json"
-        where = json.loads(split_file.read_text()).get("dataset_dir") if split_file.is_file() else None
+        where = trained_dataset_dir(Path(run_dir) / "split.json")
         raise CohortError(f"{dataset_dir} is not the cohort {run_dir} was trained on (its labels or images differ from "
                           f"the run's {SETTINGS_FILE})" + (f"; it was trained on {where}" if where else ""))
     return read_cohort(dataset_dir, reading["response_column"], reading["severity_column"], reading["bids_session"])

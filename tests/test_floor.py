@@ -91,8 +91,10 @@ def test_response_limit_misses_exactly_the_subjects_a_missing_genotype_hides(tmp
     ids = list(labels["subject_id"])
     for fold, test in enumerate((ids[:8], ids[8:])):  # a cv folder: the limit goes to each fold
         (tmp_path / "cv" / f"fold_{fold}").mkdir(parents=True)
-        (tmp_path / "cv" / f"fold_{fold}" / "split.json").write_text(json.dumps({"train": [], "validation": [], "test": test}))
-    assert main(["floor", "--dataset-dir", str(cohort), "--split", str(tmp_path / "cv"), "--response-only"]) == 0
+        (tmp_path / "cv" / f"fold_{fold}" / "split.json").write_text(json.dumps({"train": [], "validation": [], "test": test,
+                                                                                  "dataset_dir": str(cohort)}))
+    # no --dataset-dir: each split's recorded cohort
+    assert main(["floor", "--split", str(tmp_path / "cv"), "--response-only"]) == 0
 
     results = [json.loads((tmp_path / "cv" / f"fold_{k}" / "floor.json").read_text()) for k in (0, 1)]
     assert results[0]["response_accuracy_limit"] == 1.0 and "severity_mae" not in results[0]

@@ -195,8 +195,8 @@ def test_robust_augmentation_preset_is_monai_transforms_and_trains(train_cohort,
 
 @pytest.mark.slow
 def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohort, tmp_path):
-    out = tmp_path / "robustness"
-    assert main(["robustness", "--run", str(trained_run), "--dataset-dir", str(train_cohort), "--output-dir", str(out),
+    out = tmp_path / "robustness"  # no --dataset-dir: the cohort the run was trained on, from its split.json
+    assert main(["robustness", "--run", str(trained_run), "--output-dir", str(out),
                  "--kinds", "noise", "resolution", "slice_thickness", "--grids", "80x72x24"]) == 0
     table = pd.read_csv(out / "robustness.csv", keep_default_na=False)
     assert list(table.columns) == ["kind", "strength", "n", "accuracy", "severity_mae"]
@@ -224,6 +224,21 @@ def test_the_sweep_and_the_ood_report_refuse_a_cohort_the_run_was_not_trained_on
         assert last.endswith(f"{other} is not the cohort {trained_run} was trained on (its labels or images differ from "
                              f"the run's run_settings.json); it was trained on {train_cohort.absolute()}")
     assert not (tmp_path / "robustness").exists() and not (tmp_path / "trust").exists()
+
+
+def test_the_tools_read_the_cohort_a_run_was_trained_on_when_not_told(trained_run, train_cohort, tmp_path):
+    """robustness, trust, floor and baseline default --dataset-dir to the folder the run's split.json records, while
+    it exists (a run copied from another machine falls back to data/synthetic, checked by its fingerprint)."""
+    from monai_mtl.run_folder import run_dataset_dir
+
+    assert run_dataset_dir(trained_run) == str(train_cohort.absolute())
+    assert run_dataset_dir(None, trained_run / "split.json") == str(train_cohort.absolute())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    split = json.loads((trained_run / "split.json").read_text())
+    (moved / "split.json").write_text(json.dumps({**split, "dataset_dir": str(tmp_path / "gone")}))
+    assert run_dataset_dir(moved) == "data/synthetic" and run_dataset_dir(tmp_path / "no_run") == "data/synthetic"
+    assert run_dataset_dir(None) == "data/synthetic"
 
 
 def test_the_sweep_with_adaptation_adds_the_adapted_figures_and_leaves_the_plain_ones_alone(trained_run, train_cohort,

@@ -1,9 +1,9 @@
 """Shift averaging (``test_time_shifts``) on a CV's validation parts, clean and re-rendered on other grids.
 
-``python docs/scripts/shift_averaging_probe.py CV_DIR [FOLD ...]``: for each fold's checkpoint, the validation part
+``python docs/scripts/shift_averaging_probe.py CV_DIR [FOLD ...] [--clean-only]``: for each fold's checkpoint, the validation part
 predicted in one pass and averaged over the scan and the four one-voxel moves along x and y (the logits and severities
 averaged as ``monai_mtl.engines.ShiftAveragingInferer`` does, then the checkpoint's temperature), on the cohort's own
-grid and on 80 x 72 x 24, 48 x 48 x 12 and 128 x 128 x 32 (same field of view). The checkpoints need not have been
+grid and on 80 x 72 x 24, 48 x 48 x 12 and 128 x 128 x 32 (same field of view; ``--clean-only``: the cohort's grid only). The checkpoints need not have been
 calibrated with the moves: the probe sets them (docs/experiments.md, "Shift averaging").
 """
 import json
@@ -23,14 +23,16 @@ GRIDS = ((80, 72, 24), (48, 48, 12), (128, 128, 32), None)  # None: the cohort's
 
 
 def main() -> None:
-    cv = Path(sys.argv[1])
-    folds = sys.argv[2:] or sorted(p.name.split("_")[1] for p in cv.glob("fold_*") if p.is_dir())
+    args = [a for a in sys.argv[1:] if a != "--clean-only"]
+    grids = (None,) if "--clean-only" in sys.argv else GRIDS
+    cv = Path(args[0])
+    folds = args[1:] or sorted(p.name.split("_")[1] for p in cv.glob("fold_*") if p.is_dir())
     table = read_cohort("data/synthetic")
     with tempfile.TemporaryDirectory() as tmp:
         for fold in folds:
             run = cv / f"fold_{fold}"
             ids = json.loads((run / "split.json").read_text())["validation"]
-            for shape in GRIDS:
+            for shape in grids:
                 name = "x".join(map(str, shape)) if shape else "clean"
                 records = to_datalist(table, ids) if shape is None else regrid_subjects("data/synthetic", ids, shape, Path(tmp) / f"{fold}_{name}")
                 out = {}
