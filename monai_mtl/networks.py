@@ -18,6 +18,8 @@ from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa:
 
 #: ``pooling`` choices of :class:`DualPathNet`'s middle blocks
 POOLINGS = ("max", "avg", "mixed")
+#: ``anti_alias`` choices of :class:`DualPathNet`: where a low-pass comes before the encoder's subsampling
+ANTI_ALIAS = ("none", "pool", "all")
 
 
 class MixedPool3d(nn.Module):
@@ -71,8 +73,8 @@ def _triple(value: int | Sequence[int]) -> list[int]:
     return [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
 
 
-def _pool(pooling: str, channels: int, anti_alias: bool = False) -> nn.Module:
-    if anti_alias:  # Zhang's MaxBlurPool: the max over each 2-voxel neighbourhood, then a blurred subsampling
+def _pool(pooling: str, channels: int, anti_alias: str = "none") -> nn.Module:
+    if anti_alias != "none":  # Zhang's MaxBlurPool: the max over each 2-voxel neighbourhood, then a blurred subsampling
         return nn.Sequential(nn.MaxPool3d(kernel_size=2, stride=1), BlurDownsample3d(channels, stride=2))
     if pooling == "max":
         return nn.MaxPool3d(kernel_size=2)
@@ -82,9 +84,9 @@ def _pool(pooling: str, channels: int, anti_alias: bool = False) -> nn.Module:
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int | Sequence[int] = 1, pool: bool = True,
-                pooling: str = "max", anti_alias: bool = False) -> nn.Sequential:
+                pooling: str = "max", anti_alias: str = "none") -> nn.Sequential:
     layers: list[nn.Module] = []
-    if anti_alias and max(_triple(stride)) > 1:
+    if anti_alias == "all" and max(_triple(stride)) > 1:
         # the low-pass before the strided convolution: both are linear, so blur-then-convolve-with-stride is
         # the convolution evaluated everywhere, blurred and subsampled (Zhang's ConvBlurPool without the
         # ReLU in between), at the cost of one depthwise blur instead of a full-resolution convolution
@@ -227,9 +229,11 @@ class DualPathNet(nn.Module):
         pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN), ``avg``
             (keeps sums of intensities over a region, what an atrophy's partial volume changes) or
             ``mixed`` (a learned mix of the two per channel, :class:`MixedPool3d`).
-        anti_alias: a low-pass before every subsampling of the encoder (:class:`BlurDownsample3d` before
-            each strided convolution, and max pooling as Zhang's MaxBlurPool), so that a scan moved by
-            a voxel reaches the heads as nearly the same features; only with ``pooling`` ``max``.
+        anti_alias: a low-pass before the encoder's subsampling, so that a scan moved by a voxel reaches the
+            heads as nearly the same features: ``none``; ``pool``, the middle blocks' max pooling as Zhang's
+            MaxBlurPool (after the ReLU, as Zhang builds it); ``all``, also a :class:`BlurDownsample3d` before
+            each strided convolution (cheap, but a linear blur of the block's input, not Zhang's convolution at
+            full resolution, ReLU, then blur). Only with ``pooling`` ``max``.
 
     Returns (forward):
         ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
@@ -255,7 +259,7 @@ class DualPathNet(nn.Module):
         covariate_fusion: str = "concat",
         response_encoder_gradient: float = 1.0,
         pooling: str = "max",
-        anti_alias: bool = False,
+        anti_alias: str = "none",
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -270,10 +274,12 @@ class DualPathNet(nn.Module):
             raise ConfigError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         if pooling != "max":  # recorded only when used, like the covariates
             self.init_args["pooling"] = pooling
-        if anti_alias and pooling != "max":
+        if anti_alias not in ANTI_ALIAS:
+            raise ConfigError(f"anti_alias must be one of {list(ANTI_ALIAS)}, got {anti_alias!r}")
+        if anti_alias != "none" and pooling != "max":
             raise ConfigError(f"anti_alias is built for pooling 'max' (MaxBlurPool), got pooling {pooling!r}")
-        if anti_alias:
-            self.init_args["anti_alias"] = True
+        if anti_alias != "none":  # recorded only when used
+            self.init_args["anti_alias"] = anti_alias
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
         if response_encoder_gradient != 1.0:

@@ -69,7 +69,7 @@ ADDED_SETTINGS = {
     "lr_schedule": "plateau",
     "network_def#response_encoder_gradient": 1.0,
     "network_def#pooling": "max",
-    "network_def#anti_alias": False,
+    "network_def#anti_alias": "none",
     "train#batch_augmentation#scanner": "@scanner_augmentation",
     "bias_field_correction": 0,
     "preprocessing_settings#bias_field_degree": "@bias_field_correction",

@@ -123,14 +123,16 @@ def test_anti_aliased_encoder_keeps_the_grids_is_stored_only_when_used_and_check
 
     assert "anti_alias" not in network_config(DualPathNet())
     assert not any(isinstance(m, BlurDownsample3d) for m in DualPathNet().modules())
-    net = DualPathNet(anti_alias=True)
-    blurs = [m for m in net.encoder.modules() if isinstance(m, BlurDownsample3d)]
-    assert len(blurs) == 4  # before the two strided convolutions, and in the two middle blocks' pooling
     x = torch.rand(2, 1, 64, 64, 16)
-    assert net.encoder(x).shape == DualPathNet().encoder(x).shape  # the same grids: 4 x 4 x 1 at the end
-    rebuilt = build_network(network_config(net))
-    assert network_config(rebuilt)["anti_alias"] is True
-    rebuilt.load_state_dict(net.state_dict())  # a checkpoint of it loads into the network its settings rebuild
+    for where, count in (("pool", 2), ("all", 4)):  # the two middle blocks' pooling; and before the two strided convs
+        net = DualPathNet(anti_alias=where)
+        assert sum(isinstance(m, BlurDownsample3d) for m in net.encoder.modules()) == count
+        assert net.encoder(x).shape == DualPathNet().encoder(x).shape  # the same grids: 4 x 4 x 1 at the end
+        rebuilt = build_network(network_config(net))
+        assert network_config(rebuilt)["anti_alias"] == where
+        rebuilt.load_state_dict(net.state_dict())  # a checkpoint of it loads into the network its settings rebuild
+        torch.jit.script(net.eval())  # the export still scripts it
     with pytest.raises(ValueError, match="anti_alias is built for pooling 'max'"):
-        DualPathNet(anti_alias=True, pooling="avg")
-    torch.jit.script(net.eval())  # the export still scripts it
+        DualPathNet(anti_alias="pool", pooling="avg")
+    with pytest.raises(ValueError, match="anti_alias must be one of"):
+        DualPathNet(anti_alias="yes")
