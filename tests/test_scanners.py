@@ -124,7 +124,8 @@ def test_a_contradicting_override_is_refused_naming_both_values(run_48, train_co
 
 def test_evaluation_takes_the_preprocessing_from_the_checkpoint(run_48, train_cohort):
     config = [TRAIN_CONFIG, str(BUNDLE_CONFIGS / "evaluate.json")]
-    run_bundle("evaluating", config, dataset_dir=str(train_cohort), output_dir=str(run_48))  # no spatial_size given
+    # no spatial_size given, nor the cohort: the one the run's split.json records
+    run_bundle("evaluating", config, output_dir=str(run_48))
     evaluated = json.loads((run_48 / "metrics.json").read_text())
     at_training = json.loads((run_48 / "test_metrics.json").read_text())
     assert evaluated["severity_mae"] == pytest.approx(at_training["severity_mae"], abs=1e-4)
