@@ -394,7 +394,7 @@ def run_dataset_dir(run_dir: str | os.PathLike | None, split_file: str | os.Path
     split_file = Path(split_file) if split_file is not None else Path(run_dir) / "split.json" if run_dir else None
     where = trained_dataset_dir(split_file) if split_file is not None else None
     if where and Path(where).is_dir():
-        logger.info("cohort: %s (where %s was made; --dataset-dir to read another)", where, split_file)
+        logger.info("cohort: %s, as %s records it (give the dataset dir to read another)", where, split_file)
         return where
     return fallback
 
