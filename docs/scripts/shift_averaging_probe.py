@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import monai_mtl.evaluation as ev
-from monai_mtl.cohort import read_cohort, to_datalist
+from monai_mtl.cohort import to_datalist
 from monai_mtl.robustness import regrid_subjects
+from monai_mtl.run_folder import read_run_cohort, run_dataset_dir
 
 #: train.json's default ``test_time_shifts``
 SHIFTS = json.loads((Path(__file__).parents[2] / "bundle" / "configs" / "train.json").read_text())["test_time_shifts"]
@@ -27,18 +28,20 @@ def main() -> None:
     grids = (None,) if "--clean-only" in sys.argv else GRIDS
     cv = Path(args[0])
     folds = args[1:] or sorted(p.name.split("_")[1] for p in cv.glob("fold_*") if p.is_dir())
-    table = read_cohort("data/synthetic")
     with tempfile.TemporaryDirectory() as tmp:
         for fold in folds:
             run = cv / f"fold_{fold}"
+            cohort = run_dataset_dir(run)  # the cohort the fold was trained on (a fused model's covariates too)
+            table = read_run_cohort(run, cohort)
             ids = json.loads((run / "split.json").read_text())["validation"]
             for shape in grids:
                 name = "x".join(map(str, shape)) if shape else "clean"
-                records = to_datalist(table, ids) if shape is None else regrid_subjects("data/synthetic", ids, shape, Path(tmp) / f"{fold}_{name}")
+                records = to_datalist(table, ids) if shape is None else regrid_subjects(cohort, ids, shape, Path(tmp) / f"{fold}_{name}")
                 out = {}
                 for kind, shifts in (("one pass", []), ("averaged", SHIFTS)):
                     ev.calibrated_shifts = lambda checkpoint, s=shifts: s  # the predictor's moves, whatever it was calibrated with
-                    p = ev.CheckpointPredictor(run / "model.pt").predict(records)
+                    predictor = ev.CheckpointPredictor(run / "model.pt")
+                    p = predictor.predict(predictor.with_covariates(records, table))
                     out[kind] = f"{np.mean(p['pred_response'] == p['true_response']):.4f} / {np.mean(np.abs(p['pred_severity'] - p['true_severity'])):.3f}"
                 print(f"fold {fold} {name}: one pass {out['one pass']}; averaged {out['averaged']}", flush=True)
 
