@@ -204,10 +204,15 @@ class PreciseBatchNormHandler:
         data_loader: loader to draw batches from (default: the trainer's).
         network: the network to recalibrate (default: the trainer's); the averaged weights of
             :func:`weight_average` when validation uses them.
+        prepare_batch: how a drawn batch becomes the network's input (default: the trainer's, with its augmentation;
+            e.g. a :class:`~monai_mtl.engines.MultiTaskPrepareBatch` with ``TrainingAugmentation.clean`` for the
+            statistics of scans as validation sees them).
     """
 
-    def __init__(self, num_batches: int = 25, interval: int = 1, data_loader=None, network: torch.nn.Module | None = None) -> None:
+    def __init__(self, num_batches: int = 25, interval: int = 1, data_loader=None, network: torch.nn.Module | None = None,
+                 prepare_batch=None) -> None:
         self.num_batches, self.interval, self.data_loader, self.network = num_batches, interval, data_loader, network
+        self.prepare_batch = prepare_batch
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
@@ -224,11 +229,12 @@ class PreciseBatchNormHandler:
         was_training = network.training
         network.train()
         loader = self.data_loader if self.data_loader is not None else engine.data_loader
+        prepare_batch = self.prepare_batch if self.prepare_batch is not None else engine.prepare_batch
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if i >= self.num_batches:
                     break
-                prepared = engine.prepare_batch(batch, engine.state.device, engine.non_blocking)
+                prepared = prepare_batch(batch, engine.state.device, engine.non_blocking)
                 kwargs = prepared[3] if len(prepared) == 4 else {}  # e.g. the covariates
                 network(prepared[0], **kwargs)
         _average_across_ranks(norms)

@@ -70,6 +70,10 @@ ADDED_SETTINGS = {
     "network_def#response_encoder_gradient": 1.0,
     "network_def#pooling": "max",
     "network_def#anti_alias": "none",
+    "bn_recalibration_augmented": True,
+    "train#named_handlers#precise_batch_norm#prepare_batch": ("$None if @bn_recalibration_augmented else "
+                                                              "monai_mtl.engines.MultiTaskPrepareBatch(channels_last="
+                                                              "@channels_last, augmentation=@train::batch_augmentation.clean)"),
     "train#batch_augmentation#scanner": "@scanner_augmentation",
     "bias_field_correction": 0,
     "preprocessing_settings#bias_field_degree": "@bias_field_correction",

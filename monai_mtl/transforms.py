@@ -753,6 +753,10 @@ class TrainingAugmentation:
             images = self.preprocessing.normalize_batch(self.scanner(images))
         return self.intensity(images)
 
+    def clean(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch without any draw, as validation sees its scans: only the normalisation the data loader left out."""
+        return self.preprocessing.normalize_batch(images) if self.normalizes else images
+
 
 class ScaleSeverityd(MapTransform):
     """Divide the severity by ``scale`` (0-100 to [0, 1], matching the sigmoid head) as a float32 tensor.

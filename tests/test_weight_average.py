@@ -60,6 +60,29 @@ def test_precise_batch_norm_of_the_average_leaves_the_network_statistics_alone()
     assert not torch.equal(average.ema_model[1].running_mean, before)
 
 
+def test_precise_batch_norm_draws_its_batches_through_the_prepare_batch_it_is_given():
+    """``bn_recalibration_augmented`` false: the statistics of the batches as validation sees them (normalised, no
+    draw), not the trainer's augmented ones."""
+    from monai_mtl.engines import MultiTaskPrepareBatch
+    from monai_mtl.transforms import Preprocessing, TrainingAugmentation
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1, bias=False), torch.nn.BatchNorm3d(1))
+    torch.nn.init.ones_(network[0].weight)
+    batches = [{"image": torch.rand(4, 1, 8, 8, 4) * 50 + 100, "response": torch.zeros(4), "severity": torch.zeros(4)}]
+    augmentation = TrainingAugmentation("robust", Preprocessing(), scanner={"bias_prob": 1.0, "bias_coeff": [0.5, 0.6]})
+    engine = Engine(lambda engine, batch: None)
+    engine.network, engine.data_loader, engine.non_blocking, engine.state.device = network, batches, False, "cpu"
+    engine.prepare_batch = MultiTaskPrepareBatch(augmentation=augmentation)
+    PreciseBatchNormHandler(num_batches=1)(engine)
+    augmented = network[1].running_mean.clone()
+    PreciseBatchNormHandler(num_batches=1, prepare_batch=MultiTaskPrepareBatch(augmentation=augmentation.clean))(engine)
+    clean = network[1].running_mean.clone()
+    expected = augmentation.preprocessing.normalize_batch(batches[0]["image"]).mean()
+    torch.testing.assert_close(clean, expected.view(1))  # the normalised scans' mean, nothing drawn
+    assert not torch.allclose(augmented, clean, atol=1e-3)  # the bias field and the noise moved the trainer's batches
+    assert torch.equal(augmentation.clean(batches[0]["image"]), augmentation.clean(batches[0]["image"]))  # no draw
+
+
 @pytest.mark.slow
 def test_the_bundle_validates_and_saves_the_average_and_resumes_it(train_cohort, tmp_path):
     # plateau: a schedule that does not depend on max_epochs, so a run continued to 2 epochs is the 2-epoch run
