@@ -74,6 +74,10 @@ ADDED_SETTINGS = {
     "train#named_handlers#precise_batch_norm#prepare_batch": ("$None if @bn_recalibration_augmented else "
                                                               "monai_mtl.engines.MultiTaskPrepareBatch(channels_last="
                                                               "@channels_last, augmentation=@train::batch_augmentation.clean)"),
+    "bn_recalibration_final_batches": 0,
+    "bn_recalibration_final_epochs": 10,
+    "train#named_handlers#precise_batch_norm#final_batches": "@bn_recalibration_final_batches",
+    "train#named_handlers#precise_batch_norm#final_from_epoch": "$@max_epochs - @bn_recalibration_final_epochs + 1",
     "train#batch_augmentation#scanner": "@scanner_augmentation",
     "bias_field_correction": 0,
     "preprocessing_settings#bias_field_degree": "@bias_field_correction",

@@ -83,6 +83,29 @@ def test_precise_batch_norm_draws_its_batches_through_the_prepare_batch_it_is_gi
     assert torch.equal(augmentation.clean(batches[0]["image"]), augmentation.clean(batches[0]["image"]))  # no draw
 
 
+def test_precise_batch_norm_averages_more_batches_from_its_final_epoch_on():
+    drawn = []
+
+    class Loader:  # records how many batches each recalibration draws
+        def __iter__(self):
+            drawn.append(0)
+            for _ in range(10):
+                drawn[-1] += 1
+                yield torch.randn(2, 1, 2, 2, 2)
+
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.BatchNorm3d(1))
+    engine = Engine(lambda engine, batch: None)
+    engine.network, engine.data_loader, engine.non_blocking, engine.state.device = network, Loader(), False, "cpu"
+    engine.prepare_batch = lambda batch, device, non_blocking: (batch, None)
+    handler = PreciseBatchNormHandler(num_batches=2, final_batches=5, final_from_epoch=3)
+    for epoch in (1, 2, 3, 4):
+        engine.state.epoch = epoch
+        handler(engine)
+    assert drawn == [2, 2, 5, 5]  # and no batch beyond the last one averaged
+    assert [handler.batches_at(e) for e in (1, 2, 3, 4)] == [2, 2, 5, 5]
+    assert PreciseBatchNormHandler(num_batches=2).batches_at(30) == 2  # 0 final batches: never
+
+
 @pytest.mark.slow
 def test_the_bundle_validates_and_saves_the_average_and_resumes_it(train_cohort, tmp_path):
     # plateau: a schedule that does not depend on max_epochs, so a run continued to 2 epochs is the 2-epoch run
