@@ -80,7 +80,9 @@ def test_precise_batch_norm_draws_its_batches_through_the_prepare_batch_it_is_gi
     expected = augmentation.preprocessing.normalize_batch(batches[0]["image"]).mean()
     torch.testing.assert_close(clean, expected.view(1))  # the normalised scans' mean, nothing drawn
     assert not torch.allclose(augmented, clean, atol=1e-3)  # the bias field and the noise moved the trainer's batches
-    assert torch.equal(augmentation.clean(batches[0]["image"]), augmentation.clean(batches[0]["image"]))  # no draw
+    image = batches[0]["image"]  # no draw: exactly the normalisation validation's loader applies, and nothing else
+    torch.testing.assert_close(augmentation.clean(image), augmentation.preprocessing.normalize_batch(image), rtol=0, atol=0)
+    assert torch.equal(TrainingAugmentation("paper", Preprocessing()).clean(image), image)  # the loader normalised already
 
 
 def test_precise_batch_norm_averages_more_batches_from_its_final_epoch_on():
