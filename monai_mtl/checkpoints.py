@@ -22,7 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable, Transform
 
-from monai_mtl.errors import CheckpointError, LeakageError
+from monai_mtl.errors import CheckpointError, ConfigError, LeakageError
 from monai_mtl.handlers import is_rank_zero
 from monai_mtl.io import atomic_write
 
@@ -191,17 +191,26 @@ class BestModelSaver:
         preprocessing: the input definition (:class:`~monai_mtl.transforms.Preprocessing` or its dict),
             stored so that evaluation and inference feed the model as it was trained.
 
+        selection: which epoch's weights the file holds: ``best``, the epoch with the best key metric (the
+            paper's protocol); ``last``, every validated epoch replaces it, so a finished run holds its final
+            epoch's. With the cosine schedule the best of 30 noisy validation scores is partly luck: picked on one
+            half of each CV fold's validation part and measured on the other, the final epoch predicted better
+            (docs/experiments.md, "Which epoch becomes the model").
+
     Only rank 0 of a distributed run attaches it (:func:`monai_mtl.handlers.handlers_for_rank`), and it
     writes nothing on another rank should one attach it anyway.
     """
 
     rank_zero_only = True
+    SELECTIONS = ("best", "last")
 
     def __init__(
         self, path: str | os.PathLike, network: torch.nn.Module, split: Mapping[str, list[str]] | None = None,
-        preprocessing: Any = None, covariates: Any = None,
+        preprocessing: Any = None, covariates: Any = None, selection: str = "best",
     ) -> None:
-        self.path, self.network = Path(path), network
+        if selection not in self.SELECTIONS:
+            raise ConfigError(f"checkpoint_selection must be one of {list(self.SELECTIONS)}, got {selection!r}")
+        self.path, self.network, self.selection = Path(path), network, selection
         self.split = {k: list(v) for k, v in (split or {}).items()}
         self.preprocessing = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else preprocessing
         self.covariates = covariates.to_dict() if hasattr(covariates, "to_dict") else covariates
@@ -212,7 +221,8 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         from monai_mtl.networks import network_config
 
-        if engine.state.best_metric_epoch != engine.state.epoch or not is_rank_zero():
+        improved = engine.state.best_metric_epoch == engine.state.epoch
+        if not (improved or self.selection == "last") or not is_rank_zero():
             return
 
         module = getattr(self.network, "module", self.network)
@@ -221,13 +231,15 @@ class BestModelSaver:
             facts["preprocessing"] = dict(self.preprocessing)
         if self.covariates is not None:  # the encoding fitted on the training part, for evaluation and inference
             facts["covariates"] = dict(self.covariates)
+        name = str(engine.state.key_metric_name)
+        metric = engine.state.best_metric if improved else engine.state.metrics[name]
         state = with_run_metadata(
-            module.state_dict(), split=self.split, epoch=int(engine.state.epoch),
-            metric=float(engine.state.best_metric), metric_name=str(engine.state.key_metric_name), **facts,
+            module.state_dict(), split=self.split, epoch=int(engine.state.epoch), metric=float(metric), metric_name=name,
+            selection=self.selection, **facts,
         )
         atomic_torch_save(state, self.path)
-        logger.info("epoch %d: new best %s %.4f -> %s", engine.state.epoch, engine.state.key_metric_name,
-                    engine.state.best_metric, self.path)
+        logger.info("epoch %d: %s %s %.4f -> %s", engine.state.epoch, "new best" if improved else "latest", name,
+                    metric, self.path)
 
 
 def _random_transforms(dataset: Any) -> list[Randomizable]:

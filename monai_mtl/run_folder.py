@@ -85,6 +85,9 @@ ADDED_SETTINGS = {
     "preprocessing_settings#landmarks": _LANDMARKS_CALL + ")",
     # no moves: the one pass of the ``SimpleInferer`` that the test and calibration evaluators had before
     "test_time_shifts": [],
+    # the best validation score's epoch, the only selection there was
+    "checkpoint_selection": "best",
+    "validate#named_handlers#best_model#selection": "@checkpoint_selection",
     "predict_inferer#_target_": "monai_mtl.engines.ShiftAveragingInferer",
     "predict_inferer#shifts": "@test_time_shifts",
 }

@@ -150,6 +150,38 @@ def test_checkpoint_handlers_write_only_on_rank_zero(monkeypatch, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "state.pt"]
 
 
+@pytest.mark.parametrize("selection, expected_epoch, expected_metric", [("best", 1, 0.5), ("last", 2, 0.4)])
+def test_the_saved_model_is_the_best_or_the_last_validated_epoch(tmp_path, selection, expected_epoch, expected_metric):
+    from monai.data import DataLoader, Dataset
+
+    from monai_mtl.checkpoints import BestModelSaver, read_run_metadata
+
+    network = torch.nn.Linear(2, 4)
+    engine = Engine(lambda e, b: None)
+    engine.data_loader = DataLoader(Dataset([]))
+    engine.state.key_metric_name = "val_score"
+    saver = BestModelSaver(tmp_path / "model.pt", network, selection=selection)
+    engine.state.epoch, engine.state.best_metric_epoch, engine.state.best_metric = 1, 1, 0.5
+    engine.state.metrics = {"val_score": 0.5}
+    saver(engine)
+    with torch.no_grad():
+        network.weight.add_(1.0)  # the second epoch's weights, and a worse score
+    engine.state.epoch, engine.state.metrics = 2, {"val_score": 0.4}
+    saver(engine)
+    facts = read_run_metadata(tmp_path / "model.pt")
+    assert (facts["epoch"], facts["metric"], facts["selection"]) == (expected_epoch, expected_metric, selection)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["weight"]
+    assert torch.equal(saved, network.weight.detach()) == (selection == "last")
+
+
+def test_an_unknown_checkpoint_selection_is_refused(tmp_path):
+    from monai_mtl.checkpoints import BestModelSaver
+    from monai_mtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint_selection must be one of .'best', 'last'.*'median'"):
+        BestModelSaver(tmp_path / "model.pt", torch.nn.Linear(2, 4), selection="median")
+
+
 def _package_imports(module: str) -> set[str]:
     """The package modules ``module`` imports when it is imported (top-level imports, transitively)."""
     import ast

@@ -54,7 +54,7 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     assert rows[1].startswith("| paper") and "8.03" in rows[1]
     assert rows[2].startswith("| information limit") and "0.12 (0.10–0.15)" in rows[2]
     assert f"{100 * ours['accuracy']:.1f}%" in rows[3] and f"{ours['severity_mae']:.2f}" in rows[3]
-    assert "99.5% ± 0.5" in rows[3] and "3.50 ± 0.25" in rows[3] and "2 (best " in rows[3]
+    assert "99.5% ± 0.5" in rows[3] and "3.50 ± 0.25" in rows[3] and "2 (model 2)" in rows[3]  # the epoch model.pt holds: the last
     assert "87.5%" in rows[4] and "— (not trained)" in rows[4]
     assert "— (true class given)" in rows[5] and "8.51" in rows[5]
     assert len(rows) == 6  # rows without outputs (ResNet-18, ...) are left out, not invented

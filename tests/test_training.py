@@ -56,13 +56,14 @@ def test_training_run_writes_checkpoint_split_metrics_and_events(trained_run, tr
     low, high = metrics["bootstrap_95"]["severity_mae"]
     assert low <= metrics["severity_mae"] <= high
 
-    # model.pt is the epoch of the best validation score, and knows the split it was selected on
+    # model.pt is the last validated epoch (checkpoint_selection "last"), with its score, and knows the split
     from monai_mtl.checkpoints import read_run_metadata
     from monai_mtl.evaluation import read_scalars
 
     stored = read_run_metadata(trained_run / "model.pt")
     scores = dict(read_scalars(trained_run / "tensorboard")["val_score"])
-    assert stored["epoch"] == max(scores, key=scores.get) and stored["metric"] == pytest.approx(max(scores.values()))
+    assert stored["selection"] == "last" and stored["epoch"] == max(scores) == 2
+    assert stored["metric"] == pytest.approx(scores[2])
     assert stored["split"] == {k: split[k] for k in SPLIT_KEYS}
 
     scalars, images = _scalars(trained_run)

@@ -1,0 +1,129 @@
+"""Which epoch's weights should become ``model.pt``? Checkpoint selection rules compared on a CV's validation parts.
+
+Needs a CV made with every epoch's validation network saved (``docs/scripts/save_every_epoch.json`` merged after
+``train.json``: ``python -m monai_mtl cv --folds 5 --jobs 2 --output-dir CV --config-file bundle/configs/train.json
+docs/scripts/save_every_epoch.json``; the saver changes nothing in the training).
+
+``python docs/scripts/checkpoint_selection_probe.py CV [--test]``: each fold's validation (and with ``--test`` test) scans
+are predicted by every saved epoch, in one pass and averaged over ``train.json``'s ``test_time_shifts`` as the product
+predicts (cached in ``CV/fold_K/epoch_predictions.npz``). Each rule then picks an epoch on one half of the validation
+part (halves drawn by subject, seeded by the fold) and is measured on the other half, both ways, so that the luck
+that made an epoch look best is not also what measures it (docs/experiments.md, "Which epoch becomes the model").
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+
+from monai_mtl import SEVERITY_SCALE
+from monai_mtl.cohort import to_datalist
+from monai_mtl.evaluation import CheckpointPredictor, load_weights
+from monai_mtl.run_folder import read_run_cohort, run_dataset_dir
+
+SHIFTS = json.loads((Path(__file__).parents[2] / "bundle" / "configs" / "train.json").read_text())["test_time_shifts"]
+PARTS = ("validation", "test")
+
+
+def epoch_of(path: Path) -> int:
+    return int(path.stem.split("=")[-1])
+
+
+def predictions(run: Path) -> dict[str, np.ndarray]:
+    """``{part}_outputs`` (epochs, passes, scans, classes + 1): the network's outputs per saved epoch, the scan moved by
+    each of ``SHIFTS`` then as it is (the last pass); ``{part}_response`` / ``{part}_severity``: the truth."""
+    cache = run / "epoch_predictions.npz"
+    if cache.exists():
+        return dict(np.load(cache))
+    predictor = CheckpointPredictor(run / "model.pt")
+    table = read_run_cohort(run, run_dataset_dir(run))
+    split = json.loads((run / "split.json").read_text())
+    transform = Compose(predictor.preprocessing.transforms(severity_key="severity"))
+    files = sorted((run / "epochs").glob("*.pt"), key=epoch_of)
+    out = {"epochs": np.array([epoch_of(f) for f in files])}
+    scans = {}
+    for part in PARTS:
+        records = to_datalist(table, split[part])
+        scans[part] = torch.stack([torch.as_tensor(transform(r)["image"]) for r in records])
+        out[f"{part}_response"] = np.array([r["response"] for r in records])
+        out[f"{part}_severity"] = np.array([r["severity"] for r in records], dtype=float)
+    network = predictor.network.eval()
+    moves = [*SHIFTS, [0, 0, 0]]
+    for part in PARTS:
+        per_epoch = []
+        for f in files:
+            load_weights(network, f)
+            with torch.no_grad():
+                per_epoch.append(torch.stack([
+                    network(torch.roll(scans[part], m, dims=(2, 3, 4))) if any(m) else network(scans[part]) for m in moves
+                ]).numpy())
+        out[f"{part}_outputs"] = np.stack(per_epoch)
+        print(f"{run.name} {part}: {len(files)} epochs predicted", flush=True)
+    np.savez_compressed(cache, **out)
+    return out
+
+
+def scores(outputs: np.ndarray, response: np.ndarray, severity: np.ndarray, averaged: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and severity MAE (0-100) per epoch of ``outputs`` (epochs, passes, scans, 4)."""
+    o = outputs.mean(axis=1) if averaged else outputs[:, -1]
+    accuracy = (o[..., :3].argmax(-1) == response).mean(axis=1)
+    mae = np.abs(o[..., 3] * SEVERITY_SCALE - severity).mean(axis=1)
+    return accuracy, mae
+
+
+def trailing_mean(values: np.ndarray, window: int = 3) -> np.ndarray:
+    return np.array([values[max(0, i - window + 1): i + 1].mean() for i in range(len(values))])
+
+
+#: rule name -> (the epoch index it picks, given one-pass and averaged (accuracy, MAE) per epoch on the selecting scans)
+RULES = {
+    "S0 best one-pass score (current)": lambda one, avg: int(np.argmax(one[0] - one[1] / SEVERITY_SCALE)),
+    "S1 last epoch": lambda one, avg: len(one[0]) - 1,
+    "S2 best trailing 3-epoch mean score": lambda one, avg: int(np.argmax(trailing_mean(one[0] - one[1] / SEVERITY_SCALE))),
+    "S3 best shift-averaged score": lambda one, avg: int(np.argmax(avg[0] - avg[1] / SEVERITY_SCALE)),
+}
+
+
+def main() -> None:
+    cv = Path(sys.argv[1])
+    show_test = "--test" in sys.argv
+    folds = sorted(p for p in cv.glob("fold_*") if p.is_dir())
+    results = {name: [] for name in RULES}
+    for run in folds:
+        p = predictions(run)
+        out, response, severity = p["validation_outputs"], p["validation_response"], p["validation_severity"]
+        halves = np.array_split(np.random.default_rng(int(run.name.split("_")[1])).permutation(len(response)), 2)
+        for name, rule in RULES.items():
+            measured = []
+            for pick_on, measure_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+                sub = out[:, :, pick_on]
+                epoch = rule(scores(sub, response[pick_on], severity[pick_on], False),
+                             scores(sub, response[pick_on], severity[pick_on], True))
+                acc, mae = scores(out[epoch:epoch + 1, :, measure_on], response[measure_on], severity[measure_on], True)
+                measured.append((acc[0], mae[0]))
+            whole = rule(scores(out, response, severity, False), scores(out, response, severity, True))
+            row = {"fold": run.name, "accuracy": float(np.mean([m[0] for m in measured])),
+                   "mae": float(np.mean([m[1] for m in measured])), "epoch": int(p["epochs"][whole])}
+            if show_test:
+                acc, mae = scores(p["test_outputs"][whole:whole + 1], p["test_response"], p["test_severity"], True)
+                row.update(test_accuracy=float(acc[0]), test_mae=float(mae[0]))
+            results[name].append(row)
+    reference = results[next(iter(RULES))]
+    for name, rows in results.items():
+        diff = [r["mae"] - q["mae"] for r, q in zip(rows, reference)]
+        line = (f"{name:40s} validation (other half): accuracy {100 * np.mean([r['accuracy'] for r in rows]):6.2f}% "
+                f"MAE {np.mean([r['mae'] for r in rows]):.3f} (vs S0 {np.mean(diff):+.3f}, lower in {sum(d < 0 for d in diff)}/5)"
+                f"; epochs {[r['epoch'] for r in rows]}")
+        if show_test:
+            line += (f"; test {100 * np.mean([r['test_accuracy'] for r in rows]):.2f}% / "
+                     f"{np.mean([r['test_mae'] for r in rows]):.3f}")
+        print(line)
+        for r in rows:
+            print(f"    {r['fold']}: {100 * r['accuracy']:.2f}% / {r['mae']:.3f} (epoch {r['epoch']}"
+                  + (f"; test {100 * r['test_accuracy']:.2f}% / {r['test_mae']:.3f})" if show_test else ")"))
+
+
+if __name__ == "__main__":
+    main()
