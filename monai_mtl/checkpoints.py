@@ -238,8 +238,11 @@ class BestModelSaver:
             selection=self.selection, **facts,
         )
         atomic_torch_save(state, self.path)
-        logger.info("epoch %d: %s %s %.4f -> %s", engine.state.epoch, "new best" if improved else "latest", name,
-                    metric, self.path)
+        if improved:
+            logger.info("epoch %d: new best %s %.4f -> %s", engine.state.epoch, name, metric, self.path)
+        else:  # the best so far is named, so a run that ends past its best (early stopping) says so in its log
+            logger.info("epoch %d: %s %.4f -> %s (checkpoint_selection last; best %.4f at epoch %d)", engine.state.epoch,
+                        name, metric, self.path, engine.state.best_metric, engine.state.best_metric_epoch)
 
 
 def _random_transforms(dataset: Any) -> list[Randomizable]:

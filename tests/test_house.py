@@ -151,7 +151,9 @@ def test_checkpoint_handlers_write_only_on_rank_zero(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("selection, expected_epoch, expected_metric", [("best", 1, 0.5), ("last", 2, 0.4)])
-def test_the_saved_model_is_the_best_or_the_last_validated_epoch(tmp_path, selection, expected_epoch, expected_metric):
+def test_the_saved_model_is_the_best_or_the_last_validated_epoch(tmp_path, caplog, selection, expected_epoch, expected_metric):
+    import logging
+
     from monai.data import DataLoader, Dataset
 
     from monai_mtl.checkpoints import BestModelSaver, read_run_metadata
@@ -167,7 +169,10 @@ def test_the_saved_model_is_the_best_or_the_last_validated_epoch(tmp_path, selec
     with torch.no_grad():
         network.weight.add_(1.0)  # the second epoch's weights, and a worse score
     engine.state.epoch, engine.state.metrics = 2, {"val_score": 0.4}
-    saver(engine)
+    with caplog.at_level(logging.INFO, logger="monai_mtl.checkpoints"):
+        saver(engine)
+    # a model saved past the best epoch names the best in the log (early stopping ends past it)
+    assert ("best 0.5000 at epoch 1" in caplog.text) == (selection == "last")
     facts = read_run_metadata(tmp_path / "model.pt")
     assert (facts["epoch"], facts["metric"], facts["selection"]) == (expected_epoch, expected_metric, selection)
     saved = torch.load(tmp_path / "model.pt", weights_only=True)["weight"]
