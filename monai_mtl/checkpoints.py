@@ -178,7 +178,8 @@ def check_no_leakage(
 
 
 class BestModelSaver:
-    """Save the network's state dict, with the split, epoch and metric in its metadata, when the key metric improves.
+    """Save the network's state dict, with the split, epoch and metric in its metadata, when the key metric improves
+    (``selection`` ``best``) or after every validation (``last``).
 
     Attach to the validation evaluator after its key metric is computed (MONAI's ``Workflow``
     updates ``state.best_metric_epoch`` on ``EPOCH_COMPLETED`` before any handler). The file is
@@ -190,7 +191,6 @@ class BestModelSaver:
         split: subject ids of each split part, stored for the leakage check of later evaluations.
         preprocessing: the input definition (:class:`~monai_mtl.transforms.Preprocessing` or its dict),
             stored so that evaluation and inference feed the model as it was trained.
-
         selection: which epoch's weights the file holds: ``best``, the epoch with the best key metric (the
             paper's protocol); ``last``, every validated epoch replaces it, so a finished run holds its final
             epoch's. With the cosine schedule the best of 30 noisy validation scores is partly luck: picked on one
