@@ -31,34 +31,38 @@ def epoch_of(path: Path) -> int:
     return int(path.stem.split("=")[-1])
 
 
+def labelled_scans(run: Path, predictor: CheckpointPredictor, part: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``part``'s scans of ``run``'s split through the checkpoint's preprocessing, their classes and severities (0-100)."""
+    table = read_run_cohort(run, run_dataset_dir(run))
+    records = to_datalist(table, json.loads((run / "split.json").read_text())[part])
+    transform = Compose(predictor.preprocessing.transforms(severity_key="severity"))
+    scans = torch.stack([torch.as_tensor(transform(r)["image"]) for r in records])
+    return scans, np.array([r["response"] for r in records]), np.array([r["severity"] for r in records], dtype=float)
+
+
+def passes(network: torch.nn.Module, scans: torch.Tensor) -> np.ndarray:
+    """(passes, scans, classes + 1): the outputs for the scans moved by each of ``SHIFTS`` (``torch.roll``, as
+    ``ShiftAveragingInferer``), then as they are (the last pass)."""
+    with torch.no_grad():
+        return torch.stack([network(torch.roll(scans, m, dims=(2, 3, 4))) for m in SHIFTS] + [network(scans)]).numpy()
+
+
 def predictions(run: Path) -> dict[str, np.ndarray]:
-    """``{part}_outputs`` (epochs, passes, scans, classes + 1): the network's outputs per saved epoch, the scan moved by
-    each of ``SHIFTS`` then as it is (the last pass); ``{part}_response`` / ``{part}_severity``: the truth."""
+    """``{part}_outputs`` (epochs, passes, scans, classes + 1): :func:`passes` per saved epoch;
+    ``{part}_response`` / ``{part}_severity``: the truth."""
     cache = run / "epoch_predictions.npz"
     if cache.exists():
         return dict(np.load(cache))
     predictor = CheckpointPredictor(run / "model.pt")
-    table = read_run_cohort(run, run_dataset_dir(run))
-    split = json.loads((run / "split.json").read_text())
-    transform = Compose(predictor.preprocessing.transforms(severity_key="severity"))
+    network = predictor.network.eval()
     files = sorted((run / "epochs").glob("*.pt"), key=epoch_of)
     out = {"epochs": np.array([epoch_of(f) for f in files])}
-    scans = {}
     for part in PARTS:
-        records = to_datalist(table, split[part])
-        scans[part] = torch.stack([torch.as_tensor(transform(r)["image"]) for r in records])
-        out[f"{part}_response"] = np.array([r["response"] for r in records])
-        out[f"{part}_severity"] = np.array([r["severity"] for r in records], dtype=float)
-    network = predictor.network.eval()
-    moves = [*SHIFTS, [0, 0, 0]]
-    for part in PARTS:
+        scans, out[f"{part}_response"], out[f"{part}_severity"] = labelled_scans(run, predictor, part)
         per_epoch = []
         for f in files:
             load_weights(network, f)
-            with torch.no_grad():
-                per_epoch.append(torch.stack([
-                    network(torch.roll(scans[part], m, dims=(2, 3, 4))) if any(m) else network(scans[part]) for m in moves
-                ]).numpy())
+            per_epoch.append(passes(network, scans))
         out[f"{part}_outputs"] = np.stack(per_epoch)
         print(f"{run.name} {part}: {len(files)} epochs predicted", flush=True)
     np.savez_compressed(cache, **out)

@@ -6,19 +6,14 @@ averaged (Izmailov et al. 2018 recompute the buffers for the average; averaging 
 validation part is predicted as the product predicts (shift-averaged). No selection is involved, so the whole validation
 part measures it (docs/experiments.md, "Which epoch becomes the model").
 """
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from checkpoint_selection_probe import SHIFTS, epoch_of, scores
-from monai.transforms import Compose
+from checkpoint_selection_probe import epoch_of, labelled_scans, passes, scores
 
 from monai_mtl.checkpoints import load_state_dict_file
-from monai_mtl.cohort import to_datalist
 from monai_mtl.evaluation import CheckpointPredictor
-from monai_mtl.run_folder import read_run_cohort, run_dataset_dir
 
 WINDOWS = (5, 10)
 
@@ -40,25 +35,16 @@ def main() -> None:
     parts = ("validation", "test") if "--test" in sys.argv else ("validation",)
     for run in sorted(p for p in cv.glob("fold_*") if p.is_dir()):
         predictor = CheckpointPredictor(run / "model.pt")
-        table = read_run_cohort(run, run_dataset_dir(run))
-        split = json.loads((run / "split.json").read_text())
-        transform = Compose(predictor.preprocessing.transforms(severity_key="severity"))
         files = sorted((run / "epochs").glob("*.pt"), key=epoch_of)
         network = predictor.network.eval()
         for part in parts:
-            records = to_datalist(table, split[part])
-            scans = torch.stack([torch.as_tensor(transform(r)["image"]) for r in records])
-            response = np.array([r["response"] for r in records])
-            severity = np.array([r["severity"] for r in records], dtype=float)
+            scans, response, severity = labelled_scans(run, predictor, part)
             line = []
             for window in WINDOWS:
                 network.load_state_dict(averaged_state(files[-window:]))
-                with torch.no_grad():
-                    out = torch.stack([network(torch.roll(scans, m, dims=(2, 3, 4))) for m in SHIFTS] + [network(scans)])
-                acc, mae = scores(out.numpy()[None], response, severity, True)
+                acc, mae = scores(passes(network, scans)[None], response, severity, True)
                 line.append(f"last {window}: {100 * acc[0]:.2f}% / {mae[0]:.3f}")
             print(f"{run.name} {part}: " + "; ".join(line), flush=True)
-
 
 if __name__ == "__main__":
     main()
