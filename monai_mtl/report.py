@@ -383,7 +383,7 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
 
 #: every leave-site-out run here was trained with the plateau schedule at 5e-4 and fixed task weights (``multisite.json``
 #: sets both; the other two were made before ``lr_schedule`` and the ``uncertainty`` default, with what is now
-#: ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed``)
+#: ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed checkpoint_selection=best``)
 LEAVE_SITE_OUT_RUNS = (("`multisite.json`", "runs/loso_multisite"), ("`robust`", "runs/loso_robust"),
                        ("`paper`", "runs/loso_paper"))
 
