@@ -25,6 +25,7 @@ from monai_mtl.cohort import to_datalist
 from monai_mtl.engines import COVARIATES_KEY
 from monai_mtl.evaluation import CheckpointPredictor, load_weights
 from monai_mtl.run_folder import read_run_cohort, run_dataset_dir
+from monai_mtl.trust import calibrated_shifts
 
 SHIFTS = json.loads((Path(__file__).parents[2] / "bundle" / "configs" / "train.json").read_text())["test_time_shifts"]
 PARTS = ("validation", "test")
@@ -60,8 +61,8 @@ def passes(network: torch.nn.Module, inputs: Inputs, shifts: list = SHIFTS) -> n
 
 
 def predicts_averaged(run: Path) -> bool:
-    """Whether ``run``'s product averages over moves (its ``test_time_shifts``; runs that predate the key made one pass)."""
-    return bool(json.loads((run / "run_settings.json").read_text())["config"].get("test_time_shifts", []))
+    """Whether ``run``'s product averages over moves: the ``test_time_shifts`` its ``model.pt`` was calibrated with."""
+    return bool(calibrated_shifts(run / "model.pt"))
 
 
 def predictions(run: Path, averaged: bool = True) -> dict[str, np.ndarray]:
