@@ -594,7 +594,7 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
               bundle: str | os.PathLike | None = None) -> str | None:
     """The results table; with ``readme`` every generated block of it and its figures, with ``bundle`` its docs and metadata.
 
-    A block whose runs are absent is left as it is (``None`` is returned for the results table then).
+    A block or figure whose runs are absent is left as it is (``None`` is returned for the results table then).
     """
     section = results_table(root)
     if section is None:
@@ -604,8 +604,9 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
         if section is None:
             _checked_block(Path(readme), "results")  # a README without the block is refused all the same
         else:
-            copy_figures(root, Path(readme).parent / "docs" / "results")
             update_block(readme, section, "results")
+        # the figures whose runs are here (the fused model's without the reference run too); the others are left as they are
+        copy_figures(root, Path(readme).parent / "docs" / "results")
         full = robustness_table(root)
         if full is not None:  # the README shows the compact table; the whole sweep is a generated file beside it
             atomic_write_text(Path(readme).parent / "docs" / "results" / "robustness.md", "# Robustness sweep\n\n" + full)

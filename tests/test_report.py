@@ -202,6 +202,9 @@ def test_the_multimodal_comparison_names_the_fused_model_and_its_commands(tmp_pa
 
 def test_results_without_the_reference_run_leaves_the_results_block_its_file_and_the_bundle_as_they_are(tmp_path):
     _metrics(tmp_path / "runs" / "baselines" / "class-median", 1.0, 8.51)  # a baseline, but no runs/train (a fresh clone)
+    figure = tmp_path / "runs" / "cv_multimodal" / "fold_0" / "covariate_importance.png"  # the fused model's, made again
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"the fused model's figure")
     readme, bundle = _readme_and_bundle(tmp_path, "the table of the runs made before", "the same table")
     metadata = (bundle / "configs" / "metadata.json").read_text()
     assert main(["results", "--root", str(tmp_path), "--output", str(tmp_path / "table.md"), "--readme", str(readme),
@@ -209,3 +212,6 @@ def test_results_without_the_reference_run_leaves_the_results_block_its_file_and
     assert "the table of the runs made before" in readme.read_text() and not (tmp_path / "table.md").exists()
     assert "the same table" in (bundle / "docs" / "README.md").read_text()
     assert (bundle / "configs" / "metadata.json").read_text() == metadata
+    figures = readme.parent / "docs" / "results"  # the figure whose run is here is copied, no other is touched
+    assert (figures / "covariate_importance.png").read_bytes() == b"the fused model's figure"
+    assert sorted(p.name for p in figures.iterdir()) == ["covariate_importance.png"]
