@@ -5,8 +5,9 @@ Needs a CV made with every epoch's validation network saved (``docs/scripts/save
 docs/scripts/save_every_epoch.json``; the saver changes nothing in the training).
 
 ``python docs/scripts/checkpoint_selection_probe.py CV [--test] [--averaged]``: each fold's validation (and with ``--test``
-test) scans, with their covariates for a fused model, are predicted by every saved epoch, in one pass and averaged over
-``train.json``'s ``test_time_shifts`` (cached in ``CV/fold_K/epoch_predictions.npz``). Each rule then picks an epoch on
+test) scans, with their covariates for a fused model, are predicted by every saved epoch, in one pass and moved by
+``train.json``'s ``test_time_shifts`` (cached in ``CV/fold_K/epoch_predictions.npz``; runs that predict in one pass:
+that pass only, ``epoch_predictions_one_pass.npz``). Each rule then picks an epoch on
 one half of the validation part (halves drawn by subject, seeded by the fold) and is measured on the other half, both
 ways, so that the luck that made an epoch look best is not also what measures it (docs/experiments.md, "Which epoch
 becomes the model"). The measurement is the runs' own: averaged over the moves when their ``test_time_shifts`` has any,
