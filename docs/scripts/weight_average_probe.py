@@ -38,11 +38,11 @@ def main() -> None:
         files = sorted((run / "epochs").glob("*.pt"), key=epoch_of)
         network = predictor.network.eval()
         for part in parts:
-            scans, response, severity = labelled_scans(run, predictor, part)
+            inputs, response, severity = labelled_scans(run, predictor, part)
             line = []
             for window in WINDOWS:
                 network.load_state_dict(averaged_state(files[-window:]))
-                acc, mae = scores(passes(network, scans)[None], response, severity, True)
+                acc, mae = scores(passes(network, inputs)[None], response, severity, True)
                 line.append(f"last {window}: {100 * acc[0]:.2f}% / {mae[0]:.3f}")
             print(f"{run.name} {part}: " + "; ".join(line), flush=True)
 
