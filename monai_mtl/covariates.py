@@ -18,6 +18,13 @@ part only, :meth:`CovariateEncoding.fit` decides each column's kind and its para
 - and for every column a **missing indicator** (1 where the value is missing or an unknown category), so
   the network can tell "average" from "unknown".
 
+A value missing in a column is the column's **missing code**: its features all 0 but the indicator (the
+training mean, no category, no step). :class:`CovariateDropout` (the ``covariate_dropout`` config key) writes
+that code over randomly chosen columns of the training batches: a network that sees a column missing in 5%
+of its training subjects reads "missing" from a few dozen examples; dropped values give it many more, drawn
+from the very subjects whose value it otherwise knows (the reading a missing-completely-at-random value
+deserves, the way modality dropout trains a multimodal network for an absent input).
+
 A test-part value never changes the encoding (it is fitted before the other parts are encoded); the
 encoding is stored in ``model.pt`` beside the preprocessing, so evaluation and inference encode exactly
 as training did. A listed column absent from the table is a :class:`~monai_mtl.errors.CohortError`.
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from monai_mtl.errors import CohortError, ConfigError
 
@@ -83,6 +91,17 @@ class CovariateEncoding:
     def size(self) -> int:
         return len(self.feature_names)
 
+    @property
+    def column_of_feature(self) -> list[int]:
+        """For each encoded feature, the index in :attr:`columns` of the column it encodes."""
+        return [i for i, column in enumerate(self.columns)
+                for _ in range((1 if column in self.numeric else len(self.categories[column])) + len(self.steps.get(column, [])) + 1)]
+
+    @property
+    def missing_code(self) -> np.ndarray:
+        """The features of a subject whose every column is missing: 0 but each column's missing indicator."""
+        return np.array([name.endswith(":missing") for name in self.feature_names], dtype=np.float32)
+
     def encode(self, table: pd.DataFrame, source: str = "labels.csv") -> np.ndarray:
         """``(len(table), size)`` float32 features of ``table``'s rows; unknown categories logged with their subjects."""
         check_columns(table, self.columns, source)
@@ -125,6 +144,45 @@ class CovariateEncoding:
                    dict(data.get("steps", {})))
 
 
+class CovariateDropout:
+    """Training augmentation of encoded covariates: each subject's column read as missing with ``probability``.
+
+    Drawn independently per subject and column on the batch (torch's random stream, as the scanner
+    augmentation); a dropped column gets its missing code (see the module's documentation), so the network
+    learns what an absent value leaves to infer. ``probability`` 0 draws nothing (runs without it are
+    reproduced exactly).
+
+    Args:
+        encoding: the run's :class:`CovariateEncoding` (the feature layout).
+        probability: chance that a column of a subject is dropped, in [0, 1).
+    """
+
+    def __init__(self, encoding: CovariateEncoding, probability: float) -> None:
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability < 1:
+            raise ConfigError(f"covariate_dropout must be a probability in [0, 1), got {probability!r}")
+        self.probability = float(probability)
+        self.num_columns = len(encoding.columns)
+        self.column_of_feature = torch.as_tensor(encoding.column_of_feature, dtype=torch.long)
+        self.missing_code = torch.as_tensor(encoding.missing_code)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.probability == 0 or self.num_columns == 0:
+            return features
+        dropped = torch.rand(features.shape[0], self.num_columns) < self.probability
+        dropped = dropped[:, self.column_of_feature].to(features.device)
+        return torch.where(dropped, self.missing_code.to(features), features)
+
+
+def covariate_dropout(encoding: CovariateEncoding | None, probability: float) -> CovariateDropout | None:
+    """The bundle's ``covariate_dropout`` key: a :class:`CovariateDropout`, or ``None`` for an imaging-only run or 0."""
+    if encoding is None:
+        if probability:
+            logger.warning("covariate_dropout %s ignored: the run has no covariates", probability)
+        return None
+    dropout = CovariateDropout(encoding, probability)
+    return dropout if dropout.probability > 0 else None
+
+
 def check_columns(table: pd.DataFrame, columns: Sequence[str], source: str = "labels.csv") -> None:
     """Refuse covariate columns that ``table`` lacks, naming them and the columns it has."""
     missing = [c for c in columns if c not in table.columns]
@@ -145,4 +203,4 @@ def stored_covariates(checkpoint: str | os.PathLike) -> CovariateEncoding | None
     return CovariateEncoding.from_dict(stored) if stored else None
 
 
-__all__ = ["CovariateEncoding", "check_columns", "stored_covariates"]
+__all__ = ["CovariateDropout", "CovariateEncoding", "check_columns", "covariate_dropout", "stored_covariates"]

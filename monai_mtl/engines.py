@@ -37,6 +37,8 @@ class MultiTaskPrepareBatch(PrepareBatch):
             3D convolutions on CPU; the network should be converted the same way).
         augmentation: optional function applied to the image batch on the device (training only,
             e.g. :class:`~monai_mtl.transforms.BatchIntensityAugmentation`).
+        covariate_augmentation: optional function applied to the batch's encoded covariates (training only,
+            e.g. :class:`~monai_mtl.covariates.CovariateDropout`).
     """
 
     def __init__(
@@ -46,9 +48,11 @@ class MultiTaskPrepareBatch(PrepareBatch):
         severity_key: str = "severity",
         channels_last: bool = False,
         augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        covariate_augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.image_key, self.response_key, self.severity_key = image_key, response_key, severity_key
         self.augmentation = augmentation
+        self.covariate_augmentation = covariate_augmentation
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def __call__(
@@ -67,15 +71,17 @@ class MultiTaskPrepareBatch(PrepareBatch):
             "response": torch.as_tensor(batchdata[self.response_key]).to(device=device, dtype=torch.long, non_blocking=non_blocking),
             "severity": torch.as_tensor(batchdata[self.severity_key]).to(device=device, dtype=torch.float32, non_blocking=non_blocking),
         }
-        return _with_covariates(image, targets, batchdata, device)
+        return _with_covariates(image, targets, batchdata, device, self.covariate_augmentation)
 
 
-def _with_covariates(image: torch.Tensor, targets: Any, batchdata: dict[str, Any], device: str | torch.device | None) -> tuple:
+def _with_covariates(image: torch.Tensor, targets: Any, batchdata: dict[str, Any], device: str | torch.device | None,
+                     augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple:
     """``(image, targets)``, or with the batch's encoded covariates ``(image, targets, (), {"covariates": ...})``:
     MONAI's engines pass a prepared batch's args and kwargs on to the network, ``network(image, covariates=...)``."""
     if COVARIATES_KEY not in batchdata:
         return image, targets
-    return image, targets, (), {"covariates": torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32)}
+    covariates = torch.as_tensor(batchdata[COVARIATES_KEY]).to(device=device, dtype=torch.float32)
+    return image, targets, (), {"covariates": augmentation(covariates) if augmentation is not None else covariates}
 
 
 class ImagePrepareBatch(PrepareBatch):

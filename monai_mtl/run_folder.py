@@ -88,6 +88,8 @@ ADDED_SETTINGS = {
     # the best validation score's epoch, the only selection there was
     "checkpoint_selection": "best",
     "validate#named_handlers#best_model#selection": "@checkpoint_selection",
+    "covariate_dropout": 0.0,
+    "train#prepare_batch#covariate_augmentation": "$monai_mtl.covariates.covariate_dropout(@covariate_encoding, @covariate_dropout)",
     "predict_inferer#_target_": "monai_mtl.engines.ShiftAveragingInferer",
     "predict_inferer#shifts": "@test_time_shifts",
 }

@@ -8,10 +8,11 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from monai_mtl.clinical import COVARIATE_COLUMNS, observed_response
 from monai_mtl.cohort import to_datalist
-from monai_mtl.covariates import CovariateEncoding
+from monai_mtl.covariates import CovariateDropout, CovariateEncoding, covariate_dropout
 from monai_mtl.errors import CohortError, ConfigError
 from monai_mtl.synthetic import CohortConfig, generate_cohort
 
@@ -88,6 +89,55 @@ def test_count_steps_give_a_whole_number_column_one_indicator_per_level_fitted_o
     for wrong in (-1, "10", 2.5):  # a bundle override that is not a whole number is refused, naming the key
         with pytest.raises(ConfigError, match="covariate_count_levels must be a whole number"):
             CovariateEncoding.fit(train, ["prior"], count_levels=wrong)
+
+
+def test_covariate_dropout_writes_exactly_the_missing_code_over_the_dropped_columns():
+    train = pd.DataFrame({"subject_id": list("abcdefg"), "prior": [0, 1, 2, 3, 3, None, 1],
+                          "genotype": ["poor", "normal", "normal", None, "poor", "normal", "poor"]})
+    encoding = CovariateEncoding.fit(train, ["prior", "genotype"], count_levels=4)
+    features = torch.as_tensor(encoding.encode(train)).repeat(300, 1)
+    # what the encoding gives a subject whose values are all missing is the missing code
+    nothing = pd.DataFrame({"subject_id": ["x"], "prior": [None], "genotype": [None]})
+    assert encoding.encode(nothing)[0].tolist() == encoding.missing_code.tolist()
+    assert encoding.column_of_feature == [0, 0, 0, 0, 0, 1, 1, 1]
+    torch.manual_seed(0)
+    dropped = CovariateDropout(encoding, 0.3)(features)
+    code = torch.as_tensor(encoding.missing_code)
+    for column in range(2):
+        block = torch.as_tensor(encoding.column_of_feature) == column
+        changed = (dropped[:, block] != features[:, block]).any(dim=1)
+        is_missing_code = (dropped[:, block] == code[block]).all(dim=1)
+        assert bool((is_missing_code | ~changed).all())  # a changed column is exactly that column's missing code
+        already = (features[:, block] == code[block]).all(dim=1)
+        rate = float(is_missing_code[~already].float().mean())
+        assert 0.22 < rate < 0.38  # about 30% of the present values dropped (2100 draws)
+    # both columns are drawn apart: some subjects lose one and keep the other
+    columns = torch.as_tensor(encoding.column_of_feature)
+    lost = [(dropped[:, columns == c] != features[:, columns == c]).any(dim=1) for c in range(2)]
+    assert bool((lost[0] & ~lost[1]).any()) and bool((lost[1] & ~lost[0]).any())
+    # probability 0 draws nothing from torch's stream (runs without it are reproduced exactly); a wrong value is refused
+    first_draw = torch.rand(1, generator=torch.Generator().manual_seed(1)).item()
+    torch.manual_seed(1)
+    assert covariate_dropout(encoding, 0.0) is None and covariate_dropout(None, 0.0) is None
+    assert CovariateDropout(encoding, 0.0)(features) is features
+    assert torch.rand(1).item() == first_draw
+    for wrong in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ConfigError, match="covariate_dropout must be a probability"):
+            CovariateDropout(encoding, wrong)
+    # the bundle key reaches the training's batches only (evaluation encodes the values as they are); a run stored
+    # before the key drew nothing, the value 0 reads as that
+    from conftest import TRAIN_CONFIG
+    from monai.bundle import ConfigParser
+
+    from monai_mtl.run_folder import ADDED_SETTINGS
+
+    parser = ConfigParser()
+    parser.read_config(TRAIN_CONFIG)
+    parser["covariate_encoding"], parser["covariate_dropout"] = encoding, 0.3
+    parser["preprocessing_settings"] = "$monai_mtl.transforms.Preprocessing()"  # a stand-in: the real one reads the cohort
+    assert parser.get_parsed_content("train#prepare_batch").covariate_augmentation.probability == 0.3
+    assert getattr(parser.get_parsed_content("prepare_batch"), "covariate_augmentation", None) is None
+    assert ADDED_SETTINGS["covariate_dropout"] == 0.0 == json.loads(open(TRAIN_CONFIG).read())["covariate_dropout"]
 
 
 def test_the_bundle_key_covariate_count_levels_reaches_the_encoding_fitted_on_the_training_part(tmp_path):
