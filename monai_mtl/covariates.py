@@ -92,15 +92,21 @@ class CovariateEncoding:
         return len(self.feature_names)
 
     @property
+    def column_widths(self) -> list[int]:
+        """How many features each column encodes to (its value or categories, its steps, its missing indicator)."""
+        return [(1 if column in self.numeric else len(self.categories[column])) + len(self.steps.get(column, [])) + 1
+                for column in self.columns]
+
+    @property
     def column_of_feature(self) -> list[int]:
         """For each encoded feature, the index in :attr:`columns` of the column it encodes."""
-        return [i for i, column in enumerate(self.columns)
-                for _ in range((1 if column in self.numeric else len(self.categories[column])) + len(self.steps.get(column, [])) + 1)]
+        return [i for i, width in enumerate(self.column_widths) for _ in range(width)]
 
     @property
     def missing_code(self) -> np.ndarray:
-        """The features of a subject whose every column is missing: 0 but each column's missing indicator."""
-        return np.array([name.endswith(":missing") for name in self.feature_names], dtype=np.float32)
+        """The features of a subject whose every column is missing: 0 but each column's missing indicator (its last)."""
+        return np.concatenate([np.eye(1, width, width - 1, dtype=np.float32)[0] for width in self.column_widths]
+                              or [np.zeros(0, np.float32)])
 
     def encode(self, table: pd.DataFrame, source: str = "labels.csv") -> np.ndarray:
         """``(len(table), size)`` float32 features of ``table``'s rows; unknown categories logged with their subjects."""

@@ -5,6 +5,7 @@ Usage: ``python docs/scripts/ensemble_probe.py CV_DIR DATASET`` (e.g. ``runs/cv 
 Each fold's checkpoint (``CV_DIR/fold_K/model.pt``, its own preprocessing and temperature) predicts every scan of
 ``DATASET``; the script prints each model's accuracy and severity MAE, then those of the average of k models (class
 probabilities and severities averaged; every subset of k models, mean over the subsets), k = 1 .. the number of folds, and the accuracy's information limit on ``DATASET`` (:func:`monai_mtl.floor.response_limit`).
+For fused models, each model's accuracy on the subjects whose value of a covariate is missing (one line per such column).
 The spread between trainings of one recipe is what an average removes; docs/experiments.md quotes it.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from monai_mtl.cohort import read_cohort, to_datalist
+from monai_mtl.covariates import stored_covariates
 from monai_mtl.evaluation import CheckpointPredictor
 from monai_mtl.floor import response_limit
 from monai_mtl.outputs import PROBABILITY_COLUMNS
@@ -36,6 +38,13 @@ def main() -> None:
     for path, p in zip(runs, predictions):
         print(f"{path.parent.name}: accuracy {np.mean(p['pred_response'] == p['true_response']):.4f}, "
               f"severity MAE {np.mean(np.abs(p['pred_severity'] - p['true_severity'])):.2f}")
+    encoding = stored_covariates(runs[0])
+    for column in encoding.columns if encoding is not None else []:
+        missing = table[column].isna().to_numpy()
+        if missing.any():
+            right = [int(np.sum((p["pred_response"] == p["true_response"]).to_numpy()[missing])) for p in predictions]
+            print(f"subjects without {column} ({missing.sum()}): right per model {right}, accuracy "
+                  f"{np.mean(right) / missing.sum():.4f}")
     rows = []
     for k in range(1, len(runs) + 1):
         accuracy, mae = [], []
