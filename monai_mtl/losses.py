@@ -8,15 +8,18 @@ from monai.losses import FocalLoss
 from torch import nn
 
 from monai_mtl.errors import ConfigError
-from monai_mtl.outputs import NUM_RESPONSE_CLASSES, split_output
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, severity_bin_logits, split_output
 
 #: ``loss_weighting`` choices of :class:`MultiTaskLoss`
 LOSS_WEIGHTINGS = ("fixed", "uncertainty", "dwa")
 
 #: ``severity_loss`` choices of :class:`MultiTaskLoss`, on the severity scaled to [0, 1]. ``mse`` is the
 #: paper's; its gradient vanishes as the error shrinks (2 x 0.03 at 3 points of MAE), while ``l1``'s stays
-#: 1 and ``huber`` (PyTorch's, quadratic below ``huber_delta``) is ``l1`` beyond ``huber_delta``.
-SEVERITY_LOSSES = ("mse", "l1", "huber")
+#: 1 and ``huber`` (PyTorch's, quadratic below ``huber_delta``) is ``l1`` beyond ``huber_delta``. ``bins``
+#: (SFCN's brain-age loss, Peng et al. 2021) needs a network with severity bins: the Kullback-Leibler
+#: divergence from a Gaussian soft label around the true severity (``severity_bin_sigma``, on [0, 1]) to the
+#: bins' predicted distribution.
+SEVERITY_LOSSES = ("mse", "l1", "huber", "bins")
 
 
 class MultiTaskLoss(nn.Module):
@@ -70,6 +73,7 @@ class MultiTaskLoss(nn.Module):
         dwa_temperature: float = 2.0,
         severity_loss: str = "mse",
         huber_delta: float = 0.05,
+        severity_bin_sigma: float = 0.02,
     ) -> None:
         super().__init__()
         if weighting not in LOSS_WEIGHTINGS:
@@ -77,6 +81,9 @@ class MultiTaskLoss(nn.Module):
         if severity_loss not in SEVERITY_LOSSES:
             raise ConfigError(f"severity_loss must be one of {SEVERITY_LOSSES}, got {severity_loss!r}")
         self.severity_loss, self.huber_delta = severity_loss, float(huber_delta)
+        if not severity_bin_sigma > 0:
+            raise ConfigError(f"severity_bin_sigma must be above 0, got {severity_bin_sigma!r}")
+        self.severity_bin_sigma = float(severity_bin_sigma)
         self.response_weight = response_weight
         self.severity_weight = severity_weight
         self.num_classes = num_classes
@@ -97,7 +104,11 @@ class MultiTaskLoss(nn.Module):
         logits, severity = split_output(pred, self.num_classes)
         response = target["response"].long().view(-1, 1)
         focal = self.focal(logits, response).sum(dim=1).mean()
-        regression = self.severity_term(severity, target["severity"].to(severity.dtype))
+        true = target["severity"].to(severity.dtype)
+        if self.severity_loss == "bins":
+            regression = self.bins_term(severity_bin_logits(pred, self.num_classes), true)
+        else:
+            regression = self.severity_term(severity, true)
         return {"loss": self.combine(focal, regression), "loss_response": focal, "loss_severity": regression}
 
     def severity_term(self, predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -107,6 +118,17 @@ class MultiTaskLoss(nn.Module):
         if self.severity_loss == "huber":
             return F.huber_loss(predicted, true, delta=self.huber_delta)
         return F.mse_loss(predicted, true)
+
+    def bins_term(self, logits: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        """The batch mean of KL(soft label || predicted bins): the soft label is a Gaussian of standard deviation
+        ``severity_bin_sigma`` around each true severity on [0, 1], over the bins' centres, normalised."""
+        bins = logits.shape[1]
+        if bins < 2:
+            raise ConfigError("severity_loss 'bins' needs a network with severity bins (the severity_bins key, "
+                              f"network_def#severity_bins, above 1); this network's output has {bins}")
+        centres = (torch.arange(bins, device=logits.device, dtype=logits.dtype) + 0.5) / bins
+        soft = torch.softmax(-0.5 * ((centres[None, :] - true.view(-1, 1)) / self.severity_bin_sigma) ** 2, dim=1)
+        return F.kl_div(torch.log_softmax(logits, dim=1), soft, reduction="batchmean")
 
     def combine(self, response_loss: torch.Tensor, severity_loss: torch.Tensor) -> torch.Tensor:
         """The total of the two task losses under this loss's ``weighting``."""

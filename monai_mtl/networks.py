@@ -234,9 +234,13 @@ class DualPathNet(nn.Module):
             MaxBlurPool (after the ReLU, as Zhang builds it); ``all``, also a :class:`BlurDownsample3d` before
             each strided convolution (cheap, but a linear blur of the block's input, not Zhang's convolution at
             full resolution, ReLU, then blur). Only with ``pooling`` ``max``.
+        severity_bins: 0 (a sigmoid severity), or K > 1: the severity path gives a probability over K equal bins
+            of the severity's range and the severity is its mean (SFCN's brain-age head, Peng et al. 2021); the
+            bins' logits follow the severity in the output, for the ``bins`` severity loss.
 
     Returns (forward):
-        ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1].
+        ``(B, num_classes + 1)``: response logits, then the sigmoid severity in [0, 1]; with ``severity_bins`` K,
+        ``(B, num_classes + 1 + K)``: the severity is the bins' mean, and their K logits follow it.
 
     Example:
         >>> net = DualPathNet()
@@ -260,6 +264,7 @@ class DualPathNet(nn.Module):
         response_encoder_gradient: float = 1.0,
         pooling: str = "max",
         anti_alias: str = "none",
+        severity_bins: int = 0,
     ) -> None:
         super().__init__()
         self.init_args = {
@@ -280,6 +285,14 @@ class DualPathNet(nn.Module):
             raise ConfigError(f"anti_alias is built for pooling 'max' (MaxBlurPool), got pooling {pooling!r}")
         if anti_alias != "none":  # recorded only when used
             self.init_args["anti_alias"] = anti_alias
+        if isinstance(severity_bins, bool) or not isinstance(severity_bins, int) or severity_bins < 0 or severity_bins == 1:
+            raise ConfigError(f"severity_bins must be 0 (a sigmoid severity) or a whole number above 1, got {severity_bins!r}")
+        if severity_bins:  # recorded only when used
+            self.init_args["severity_bins"] = severity_bins
+        self.severity_bins = severity_bins
+        # not in the state dict: a function of severity_bins, and checkpoints without bins keep their keys
+        self.register_buffer("bin_centres", (torch.arange(severity_bins, dtype=torch.float32) + 0.5) / max(severity_bins, 1),
+                             persistent=False)
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
         if response_encoder_gradient != 1.0:
@@ -316,7 +329,8 @@ class DualPathNet(nn.Module):
                             extra, covariate_fusion)
 
         self.response_head = head(num_classes) if "response" in tasks else ConstantHead(num_classes)
-        self.severity_head = head(1) if "severity" in tasks else ConstantHead(1)
+        severity_outputs = severity_bins or 1
+        self.severity_head = head(severity_outputs) if "severity" in tasks else ConstantHead(severity_outputs)
 
     def forward(self, x: torch.Tensor, covariates: Optional[torch.Tensor] = None) -> torch.Tensor:  # noqa: UP045 (TorchScript)
         return self.task_outputs(self.encoder(x), covariates)
@@ -336,8 +350,11 @@ class DualPathNet(nn.Module):
         if not torch.jit.is_scripting():  # training only: TorchScript has no autograd.Function, export needs none
             response_features = scale_gradient(features, self.response_encoder_gradient)
         response_logits = self.response_head(response_features, extra)
-        severity = torch.sigmoid(self.severity_head(features, extra))
-        return torch.cat([response_logits, severity], dim=1)
+        severity_outputs = self.severity_head(features, extra)
+        if self.severity_bins:
+            severity = (torch.softmax(severity_outputs, dim=1) * self.bin_centres).sum(dim=1, keepdim=True)
+            return torch.cat([response_logits, severity, severity_outputs], dim=1)
+        return torch.cat([response_logits, torch.sigmoid(severity_outputs)], dim=1)
 
 
 class ConstantHead(nn.Module):

@@ -2,7 +2,9 @@
 
 Every network of the project returns one tensor ``(B, NUM_RESPONSE_CLASSES + 1)``: the response
 logits (softmax gives the class probabilities) followed by the severity in [0, 1] (MONAI's bundle
-tools and TorchScript need a single ``(B, C)`` output). :func:`split_output` takes it apart;
+tools and TorchScript need a single ``(B, C)`` output). A network whose severity is the mean of a
+distribution over bins (``DualPathNet(severity_bins=K)``) appends the K bins' logits
+(:func:`severity_bin_logits`); every reader but the ``bins`` loss ignores them. :func:`split_output` takes it apart;
 losses, metrics, evaluation, baselines and inference all read it through this module, and all
 write their per-subject predictions with :func:`prediction_table`, so a column means the same in
 ``test_predictions.csv``, a baseline's predictions and ``predictions.csv`` of inference.
@@ -24,10 +26,17 @@ PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in RESPONSE_NAMES)
 
 
 def split_output(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(response_logits (B, num_classes), severity (B,) in [0, 1])`` from a network output ``(B, num_classes + 1)``."""
-    if output.ndim != 2 or output.shape[1] != num_classes + 1:
+    """``(response_logits (B, num_classes), severity (B,) in [0, 1])`` from a network output ``(B, num_classes + 1)``
+    (or ``(B, num_classes + 1 + K)`` with K severity bins' logits at the end)."""
+    if output.ndim != 2 or output.shape[1] < num_classes + 1:
         raise ValueError(f"expected a network output of shape (B, {num_classes + 1}), got {tuple(output.shape)}")
     return output[:, :num_classes], output[:, num_classes]
+
+
+def severity_bin_logits(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) -> torch.Tensor:
+    """The severity bins' logits ``(B, K)`` of a network output with bins; ``(B, 0)`` without."""
+    split_output(output, num_classes)  # the same shape check
+    return output[:, num_classes + 1:]
 
 
 def decode_output(output: torch.Tensor, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -73,5 +82,5 @@ def prediction_table(
 
 
 __all__ = [
-    "NUM_RESPONSE_CLASSES", "TASKS", "PROBABILITY_COLUMNS", "split_output", "decode_output", "prediction_table",
+    "NUM_RESPONSE_CLASSES", "TASKS", "PROBABILITY_COLUMNS", "split_output", "severity_bin_logits", "decode_output", "prediction_table",
 ]

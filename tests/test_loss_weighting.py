@@ -115,3 +115,67 @@ def test_each_recipe_builds_its_loss_weighting_and_optimizes_its_log_variances(r
     optimized = {id(p) for group in parser.get_parsed_content("optimizer").param_groups for p in group["params"]}
     assert {id(p) for p in loss.parameters()} <= optimized
     assert len(list(loss.parameters())) == (1 if weighting == "uncertainty" else 0)
+
+
+def test_severity_bins_give_the_mean_of_their_distribution_and_the_bins_loss_is_smallest_at_the_soft_label():
+    from monai_mtl.errors import ConfigError
+    from monai_mtl.networks import DualPathNet
+    from monai_mtl.outputs import severity_bin_logits, split_output
+
+    torch.manual_seed(0)
+    network = DualPathNet(severity_bins=20).eval()
+    output = network(torch.randn(3, 1, 64, 64, 16))
+    logits = severity_bin_logits(output)
+    assert output.shape == (3, 3 + 1 + 20) and logits.shape == (3, 20)
+    centres = (torch.arange(20) + 0.5) / 20
+    assert torch.allclose(split_output(output)[1], (torch.softmax(logits, dim=1) * centres).sum(dim=1))
+    # stored in the checkpoint's settings only when used; the bin centres are not weights (old checkpoints keep their keys)
+    assert network.init_args["severity_bins"] == 20 and "severity_bins" not in DualPathNet().init_args
+    assert set(network.state_dict()) - set(DualPathNet().state_dict()) == set()
+    assert torch.jit.script(network)(torch.zeros(1, 1, 64, 64, 16)).shape == (1, 24)
+    for wrong in (1, -2, 2.5, True):
+        with pytest.raises(ConfigError, match="severity_bins must be 0"):
+            DualPathNet(severity_bins=wrong)
+
+    # the KL loss: 0 when the bins are the Gaussian soft label around the true severity, more when shifted
+    loss = MultiTaskLoss(severity_loss="bins", severity_bin_sigma=0.05)
+    true = torch.tensor([0.32, 0.71])
+    soft = torch.softmax(-0.5 * ((centres[None] - true[:, None]) / 0.05) ** 2, dim=1)
+    response = torch.zeros(2, 3)
+    exact = torch.cat([response, (soft * centres).sum(1, keepdim=True), soft.log()], dim=1)
+    moved = torch.cat([response, (soft * centres).sum(1, keepdim=True), soft.roll(2, dims=1).log()], dim=1)
+    target = {"response": torch.tensor([0, 1]), "severity": true}
+    assert loss.components(exact, target)["loss_severity"].abs() < 1e-6
+    assert loss.components(moved, target)["loss_severity"] > 0.5
+    # gradient steps on the bins' logits alone move the predicted mean to the true severity
+    free = torch.zeros(2, 20, requires_grad=True)
+    optimizer = torch.optim.SGD([free], lr=5.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        mean = (torch.softmax(free, dim=1) * centres).sum(1, keepdim=True)
+        loss.components(torch.cat([response, mean, free], dim=1), target)["loss_severity"].backward()
+        optimizer.step()
+    assert torch.allclose((torch.softmax(free, dim=1) * centres).sum(1), true, atol=0.01)
+    # a network without bins cannot be trained with the bins loss: one clear error
+    with pytest.raises(ConfigError, match="severity_loss 'bins' needs a network with severity bins"):
+        loss(torch.cat([response, true[:, None]], dim=1), target)
+    with pytest.raises(ConfigError, match="severity_bin_sigma must be above 0"):
+        MultiTaskLoss(severity_bin_sigma=0)
+
+
+@pytest.mark.slow
+def test_a_network_with_severity_bins_trains_in_the_bundle_and_its_checkpoint_predicts(train_cohort, tmp_path):
+    import json
+
+    from monai_mtl.checkpoints import read_run_metadata
+    from monai_mtl.cohort import read_cohort, to_datalist
+    from monai_mtl.evaluation import CheckpointPredictor
+
+    out = tmp_path / "run"
+    run_bundle("training", TRAIN_CONFIG, dataset_dir=str(train_cohort), output_dir=str(out), max_epochs=1, batch_size=8,
+               cache_workers=1, severity_loss="bins", severity_bins=10, severity_bin_sigma=5.0)
+    assert read_run_metadata(out / "model.pt")["network"]["severity_bins"] == 10
+    settings = json.loads((out / "run_settings.json").read_text())["config"]
+    assert settings["severity_bins"] == 10 and settings["severity_bin_sigma"] == 5.0
+    predictions = CheckpointPredictor(out / "model.pt").predict(to_datalist(read_cohort(train_cohort).head(4)))
+    assert predictions["pred_severity"].between(0, 100).all() and len(predictions) == 4
