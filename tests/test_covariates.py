@@ -126,7 +126,7 @@ def test_covariate_dropout_writes_exactly_the_missing_code_over_the_dropped_colu
             CovariateDropout(encoding, wrong)
     # the bundle key reaches the training's batches only (evaluation encodes the values as they are); a run stored
     # before the key drew nothing, the value 0 reads as that
-    from conftest import TRAIN_CONFIG
+    from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG
     from monai.bundle import ConfigParser
 
     from monai_mtl.run_folder import ADDED_SETTINGS
@@ -138,6 +138,8 @@ def test_covariate_dropout_writes_exactly_the_missing_code_over_the_dropped_colu
     assert parser.get_parsed_content("train#prepare_batch").covariate_augmentation.probability == 0.3
     assert getattr(parser.get_parsed_content("prepare_batch"), "covariate_augmentation", None) is None
     assert ADDED_SETTINGS["covariate_dropout"] == 0.0 == json.loads(open(TRAIN_CONFIG).read())["covariate_dropout"]
+    # the fused recipe drops each column with probability 0.1 (chosen on five folds' validation parts, docs/experiments.md)
+    assert json.loads((BUNDLE_CONFIGS / "multimodal.json").read_text())["covariate_dropout"] == 0.1
 
 
 def test_the_bundle_key_covariate_count_levels_reaches_the_encoding_fitted_on_the_training_part(tmp_path):
