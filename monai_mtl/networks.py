@@ -285,14 +285,16 @@ class DualPathNet(nn.Module):
             raise ConfigError(f"anti_alias is built for pooling 'max' (MaxBlurPool), got pooling {pooling!r}")
         if anti_alias != "none":  # recorded only when used
             self.init_args["anti_alias"] = anti_alias
-        if isinstance(severity_bins, bool) or not isinstance(severity_bins, int) or severity_bins < 0 or severity_bins == 1:
-            raise ConfigError(f"severity_bins must be 0 (a sigmoid severity) or a whole number above 1, got {severity_bins!r}")
+        whole = isinstance(severity_bins, int) and not isinstance(severity_bins, bool)
+        if not whole or severity_bins < 0 or severity_bins == 1:
+            raise ConfigError(f"severity_bins must be 0 (a sigmoid severity) or a whole number above 1, "
+                              f"got {severity_bins!r}")
         if severity_bins:  # recorded only when used
             self.init_args["severity_bins"] = severity_bins
         self.severity_bins = severity_bins
         # not in the state dict: a function of severity_bins, and checkpoints without bins keep their keys
-        self.register_buffer("bin_centres", (torch.arange(severity_bins, dtype=torch.float32) + 0.5) / max(severity_bins, 1),
-                             persistent=False)
+        centres = (torch.arange(severity_bins, dtype=torch.float32) + 0.5) / max(severity_bins, 1)
+        self.register_buffer("bin_centres", centres, persistent=False)
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
         if response_encoder_gradient != 1.0:
