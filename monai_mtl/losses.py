@@ -8,7 +8,7 @@ from monai.losses import FocalLoss
 from torch import nn
 
 from monai_mtl.errors import ConfigError
-from monai_mtl.outputs import NUM_RESPONSE_CLASSES, severity_bin_logits, split_output
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, severity_bin_centres, severity_bin_logits, split_output
 
 #: ``loss_weighting`` choices of :class:`MultiTaskLoss`
 LOSS_WEIGHTINGS = ("fixed", "uncertainty", "dwa")
@@ -126,7 +126,7 @@ class MultiTaskLoss(nn.Module):
         if bins < 2:
             raise ConfigError("severity_loss 'bins' needs a network with severity bins (the severity_bins key, "
                               f"network_def#severity_bins, above 1); this network's output has {bins}")
-        centres = (torch.arange(bins, device=logits.device, dtype=logits.dtype) + 0.5) / bins
+        centres = severity_bin_centres(bins).to(logits)
         soft = torch.softmax(-0.5 * ((centres[None, :] - true.view(-1, 1)) / self.severity_bin_sigma) ** 2, dim=1)
         return F.kl_div(torch.log_softmax(logits, dim=1), soft, reduction="batchmean")
 

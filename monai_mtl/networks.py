@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from monai_mtl.errors import ConfigError
-from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, split_output  # noqa: F401 (split_output: re-exported)
+from monai_mtl.outputs import NUM_RESPONSE_CLASSES, TASKS, severity_bin_centres, split_output  # noqa: F401 (split_output: re-exported)
 
 
 #: ``pooling`` choices of :class:`DualPathNet`'s middle blocks
@@ -293,8 +293,7 @@ class DualPathNet(nn.Module):
             self.init_args["severity_bins"] = severity_bins
         self.severity_bins = severity_bins
         # not in the state dict: a function of severity_bins, and checkpoints without bins keep their keys
-        centres = (torch.arange(severity_bins, dtype=torch.float32) + 0.5) / max(severity_bins, 1)
-        self.register_buffer("bin_centres", centres, persistent=False)
+        self.register_buffer("bin_centres", severity_bin_centres(severity_bins), persistent=False)
         if not 0.0 <= response_encoder_gradient <= 1.0:
             raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
         if response_encoder_gradient != 1.0:

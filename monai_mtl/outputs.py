@@ -33,6 +33,11 @@ def split_output(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) 
     return output[:, :num_classes], output[:, num_classes]
 
 
+def severity_bin_centres(bins: int) -> torch.Tensor:
+    """The centres of ``bins`` equal bins of the severity's range on [0, 1] (the values a bins network averages)."""
+    return (torch.arange(bins, dtype=torch.float32) + 0.5) / max(bins, 1)
+
+
 def severity_bin_logits(output: torch.Tensor, num_classes: int = NUM_RESPONSE_CLASSES) -> torch.Tensor:
     """The severity bins' logits ``(B, K)`` of a network output with bins; ``(B, 0)`` without."""
     split_output(output, num_classes)  # the same shape check
@@ -82,5 +87,5 @@ def prediction_table(
 
 
 __all__ = [
-    "NUM_RESPONSE_CLASSES", "TASKS", "PROBABILITY_COLUMNS", "split_output", "severity_bin_logits", "decode_output", "prediction_table",
+    "NUM_RESPONSE_CLASSES", "TASKS", "PROBABILITY_COLUMNS", "split_output", "severity_bin_centres", "severity_bin_logits", "decode_output", "prediction_table",
 ]
