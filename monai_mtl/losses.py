@@ -125,7 +125,7 @@ class MultiTaskLoss(nn.Module):
         bins = logits.shape[1]
         if bins < 2:
             raise ConfigError("severity_loss 'bins' needs a network with severity bins (the severity_bins key, "
-                              f"network_def#severity_bins, above 1); this network's output has {bins}")
+                              f"network_def#severity_bins, above 1); this network's output has {bins} bin logits")
         centres = severity_bin_centres(bins).to(logits)
         soft = torch.softmax(-0.5 * ((centres[None, :] - true.view(-1, 1)) / self.severity_bin_sigma) ** 2, dim=1)
         return F.kl_div(torch.log_softmax(logits, dim=1), soft, reduction="batchmean")

@@ -102,9 +102,9 @@ def test_covariate_dropout_writes_exactly_the_missing_code_over_the_dropped_colu
     assert encoding.column_of_feature == [0, 0, 0, 0, 0, 1, 1, 1]
     torch.manual_seed(0)
     dropped = CovariateDropout(encoding, 0.3)(features)
-    code = torch.as_tensor(encoding.missing_code)
+    code, columns = torch.as_tensor(encoding.missing_code), torch.as_tensor(encoding.column_of_feature)
     for column in range(2):
-        block = torch.as_tensor(encoding.column_of_feature) == column
+        block = columns == column
         changed = (dropped[:, block] != features[:, block]).any(dim=1)
         is_missing_code = (dropped[:, block] == code[block]).all(dim=1)
         assert bool((is_missing_code | ~changed).all())  # a changed column is exactly that column's missing code
@@ -112,7 +112,6 @@ def test_covariate_dropout_writes_exactly_the_missing_code_over_the_dropped_colu
         rate = float(is_missing_code[~already].float().mean())
         assert 0.22 < rate < 0.38  # about 30% of the present values dropped (2100 draws)
     # both columns are drawn apart: some subjects lose one and keep the other
-    columns = torch.as_tensor(encoding.column_of_feature)
     lost = [(dropped[:, columns == c] != features[:, columns == c]).any(dim=1) for c in range(2)]
     assert bool((lost[0] & ~lost[1]).any()) and bool((lost[1] & ~lost[0]).any())
     # probability 0 draws nothing from torch's stream (runs without it are reproduced exactly); a wrong value is refused
