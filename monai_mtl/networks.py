@@ -226,6 +226,9 @@ class DualPathNet(nn.Module):
             (1: all of it, the paper's multi-task training; 0: the shared encoder learns from the
             severity alone and the response path from what those features carry, plus its own task
             blocks and head, which learn in full). The forward pass is the same for every value.
+        severity_encoder_gradient: the same for the severity loss's gradient (1: all of it). Below 1 the shared
+            encoder is shaped mostly by the response while the severity path's own task blocks and head learn in
+            full: a severity loss with large gradients (the ``bins`` KL) then cannot take the shared features over.
         pooling: how the middle blocks halve the grid, ``max`` (the paper's kind of CNN), ``avg``
             (keeps sums of intensities over a region, what an atrophy's partial volume changes) or
             ``mixed`` (a learned mix of the two per channel, :class:`MixedPool3d`).
@@ -262,6 +265,7 @@ class DualPathNet(nn.Module):
         covariate_features: int = 16,
         covariate_fusion: str = "concat",
         response_encoder_gradient: float = 1.0,
+        severity_encoder_gradient: float = 1.0,
         pooling: str = "max",
         anti_alias: str = "none",
         severity_bins: int = 0,
@@ -294,11 +298,14 @@ class DualPathNet(nn.Module):
         self.severity_bins = severity_bins
         # not in the state dict: a function of severity_bins, and checkpoints without bins keep their keys
         self.register_buffer("bin_centres", severity_bin_centres(severity_bins), persistent=False)
-        if not 0.0 <= response_encoder_gradient <= 1.0:
-            raise ConfigError(f"response_encoder_gradient must be in [0, 1], got {response_encoder_gradient}")
-        if response_encoder_gradient != 1.0:
-            self.init_args["response_encoder_gradient"] = float(response_encoder_gradient)
+        for name, scale in (("response_encoder_gradient", response_encoder_gradient),
+                            ("severity_encoder_gradient", severity_encoder_gradient)):
+            if not 0.0 <= scale <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {scale}")
+            if scale != 1.0:  # recorded only when used
+                self.init_args[name] = float(scale)
         self.response_encoder_gradient = float(response_encoder_gradient)
+        self.severity_encoder_gradient = float(severity_encoder_gradient)
         self.num_covariates = int(num_covariates)
         # encoded clinical covariates -> a small embedding, fused into both task paths
         self.covariate_embedding = (nn.Sequential(nn.Linear(num_covariates, covariate_features), nn.ReLU(inplace=True))
@@ -348,10 +355,12 @@ class DualPathNet(nn.Module):
                                   "(the covariates of the checkpoint's encoding)")
             extra = self.covariate_embedding(covariates.to(features.device, torch.float32))
         response_features = features
+        severity_features = features
         if not torch.jit.is_scripting():  # training only: TorchScript has no autograd.Function, export needs none
             response_features = scale_gradient(features, self.response_encoder_gradient)
+            severity_features = scale_gradient(features, self.severity_encoder_gradient)
         response_logits = self.response_head(response_features, extra)
-        severity_outputs = self.severity_head(features, extra)
+        severity_outputs = self.severity_head(severity_features, extra)
         if self.severity_bins:
             severity = (torch.softmax(severity_outputs, dim=1) * self.bin_centres).sum(dim=1, keepdim=True)
             return torch.cat([response_logits, severity, severity_outputs], dim=1)

@@ -68,6 +68,7 @@ ADDED_SETTINGS = {
     "covariate_count_levels": 0,
     "lr_schedule": "plateau",
     "network_def#response_encoder_gradient": 1.0,
+    "network_def#severity_encoder_gradient": 1.0,
     "network_def#pooling": "max",
     "network_def#anti_alias": "none",
     "bn_recalibration_augmented": True,

@@ -1,11 +1,15 @@
-"""DualPathNet's task paths: own last blocks by default, shared with task_blocks=0."""
+"""DualPathNet's task paths: own last blocks by default, shared with task_blocks=0; each loss's share of the encoder."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import TRAIN_CONFIG
 
 from monai_mtl.networks import DualPathNet
+from monai_mtl.run_folder import ADDED_SETTINGS
 
 
 def test_task_blocks_give_each_path_its_own_last_block():
@@ -27,42 +31,46 @@ def test_task_blocks_out_of_range(task_blocks):
         DualPathNet(task_blocks=task_blocks)
 
 
-def _response_gradients(net: DualPathNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The response logits' gradient on the first shared conv and on the response head's first linear layer."""
+def _task_gradients(net: DualPathNet, x: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task output's gradient on the first shared conv and on that task head's first linear layer."""
     net.zero_grad()
-    net(x)[:, :3].sum().backward()
-    return net.encoder[0][0].weight.grad.clone(), net.response_head.mlp[2].weight.grad.clone()
+    output, head = (net(x)[:, :3], net.response_head) if task == "response" else (net(x)[:, 3], net.severity_head)
+    output.sum().backward()
+    return net.encoder[0][0].weight.grad.clone(), head.mlp[2].weight.grad.clone()
 
 
+@pytest.mark.parametrize("task", ["response", "severity"])
 @pytest.mark.parametrize("scale", [0.0, 0.25])
-def test_response_encoder_gradient_scales_only_the_shared_encoders_share(scale):
+def test_encoder_gradient_scales_only_the_shared_encoders_share(task, scale):
     x = torch.rand(2, 1, 64, 64, 16)
     torch.manual_seed(0)
     full = DualPathNet().eval()
     torch.manual_seed(0)
-    scaled = DualPathNet(response_encoder_gradient=scale).eval()
+    scaled = DualPathNet(**{f"{task}_encoder_gradient": scale}).eval()
     assert torch.equal(full(x), scaled(x))  # the forward pass does not change
-    encoder_full, head_full = _response_gradients(full, x)
-    encoder_scaled, head_scaled = _response_gradients(scaled, x)
+    encoder_full, head_full = _task_gradients(full, x, task)
+    encoder_scaled, head_scaled = _task_gradients(scaled, x, task)
     assert encoder_full.abs().sum() > 0
     torch.testing.assert_close(encoder_scaled, scale * encoder_full)
-    torch.testing.assert_close(head_scaled, head_full)  # the response path itself learns in full
-    # the severity output's gradient reaches the shared encoder in full
-    scaled.zero_grad()
-    scaled(x)[:, 3].sum().backward()
-    assert scaled.encoder[0][0].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(head_scaled, head_full)  # the task's own path learns in full
+    # the other task's gradient reaches the shared encoder in full
+    other = "severity" if task == "response" else "response"
+    torch.testing.assert_close(_task_gradients(scaled, x, other)[0], _task_gradients(full, x, other)[0])
 
 
-def test_response_encoder_gradient_is_stored_only_when_used_and_checked():
+@pytest.mark.parametrize("name", ["response_encoder_gradient", "severity_encoder_gradient"])
+def test_encoder_gradient_is_stored_only_when_used_and_checked(name):
     from monai_mtl.networks import build_network, network_config
 
-    assert "response_encoder_gradient" not in network_config(DualPathNet())  # earlier checkpoints read the same
-    config = network_config(DualPathNet(response_encoder_gradient=0.1))
-    assert config["response_encoder_gradient"] == 0.1
-    assert build_network(config).response_encoder_gradient == 0.1
-    with pytest.raises(ValueError, match="response_encoder_gradient"):
-        DualPathNet(response_encoder_gradient=1.5)
-    torch.jit.script(DualPathNet(response_encoder_gradient=0.1).eval())  # the export still scripts it
+    assert name not in network_config(DualPathNet())  # earlier checkpoints read the same
+    config = network_config(DualPathNet(**{name: 0.1}))
+    assert config[name] == 0.1
+    assert getattr(build_network(config), name) == 0.1
+    with pytest.raises(ValueError, match=name):
+        DualPathNet(**{name: 1.5})
+    torch.jit.script(DualPathNet(**{name: 0.1}).eval())  # the export still scripts it
+    # a run stored before the key had the full gradient: resuming or reusing it sees no difference
+    assert ADDED_SETTINGS[f"network_def#{name}"] == 1.0 == json.loads(open(TRAIN_CONFIG).read())["network_def"][name]
 
 
 def test_pooling_choice_is_used_stored_only_when_not_max_and_checked():
