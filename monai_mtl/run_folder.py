@@ -69,6 +69,7 @@ ADDED_SETTINGS = {
     "lr_schedule": "plateau",
     "network_def#response_encoder_gradient": 1.0,
     "network_def#severity_encoder_gradient": 1.0,
+    "loss_weighting_lr_factor": 1.0,
     "network_def#pooling": "max",
     "network_def#anti_alias": "none",
     "bn_recalibration_augmented": True,
@@ -108,6 +109,9 @@ FORMER_SETTINGS = {
     # before bias_field_correction (itself compared; 0 = the preprocessing of then): the same fit without that argument
     "preprocessing_settings#landmarks": (_LANDMARKS_CALL + ")", _LANDMARKS_CALL + ", bias_field_degree=@bias_field_correction)"),
     "validate#evaluator#network": ("@network", "@validation_network"),
+    # before loss_weighting_lr_factor (itself compared; 1 = the optimizer of then): the loss's parameters beside the network's
+    "optimizer#params": ("$list(@network.parameters()) + list(@loss.parameters())",
+                         "$monai_mtl.engines.optimizer_parameters(@network, @loss, @learning_rate, @loss_weighting_lr_factor)"),
     # before test_time_shifts (itself compared; ``[]`` = one pass, as then): the checkpoint's predictions had the
     # per-epoch validation's inferer
     "test#evaluator#inferer": ("@validate::inferer", "@predict_inferer"),

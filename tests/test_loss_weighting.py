@@ -47,6 +47,51 @@ def test_uncertainty_weighting_learns_the_task_log_variances():
     assert (loss.log_variances.detach() < 0).all()
 
 
+def test_log_variances_move_in_lockstep_at_the_networks_rate_and_reach_their_balance_with_the_lr_factor():
+    """Adam moves each log-variance by about its rate per step until ``s = log(w L)``: at the network's 2e-3 the two
+    descend together whatever their losses; ``loss_weighting_lr_factor`` 10 lets each reach its own balance."""
+    from monai_mtl.engines import optimizer_parameters
+
+    network = torch.nn.Linear(2, 2)
+    losses = torch.tensor([0.005, 0.05])  # the default's response and severity terms at the end of a training
+    balance = torch.log(torch.tensor([0.6, 0.4]) * losses)
+
+    def log_variances_after(factor: float, steps: int = 600) -> torch.Tensor:
+        loss = MultiTaskLoss(weighting="uncertainty")
+        optimizer = torch.optim.Adam(optimizer_parameters(network, loss, 2e-3, factor), lr=2e-3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss.combine(*losses).backward()
+            optimizer.step()
+        return loss.log_variances.detach()
+
+    lockstep = log_variances_after(1.0)
+    assert (lockstep - lockstep[0]).abs().max() < 0.02  # the same path for both (their balances lie 1.9 apart)
+    assert lockstep[0] == pytest.approx(-600 * 2e-3, abs=0.05)  # one rate's step per iteration
+    torch.testing.assert_close(log_variances_after(10.0), balance, atol=0.05, rtol=0)  # each its own: weights 1 / (w L)
+    # one list (the optimizer of runs made before the factor) at 1; the loss's own group at the rate times the factor
+    loss = MultiTaskLoss(weighting="uncertainty")
+    assert optimizer_parameters(network, loss, 2e-3) == [*network.parameters(), loss.log_variances]
+    groups = optimizer_parameters(network, loss, 2e-3, 10.0)
+    assert groups[1] == {"params": [loss.log_variances], "lr": pytest.approx(0.02)}
+    assert optimizer_parameters(network, MultiTaskLoss(), 2e-3, 10.0) == list(network.parameters())  # fixed: nothing to learn
+    with pytest.raises(ValueError, match="loss_weighting_lr_factor must be above 0"):
+        optimizer_parameters(network, loss, 2e-3, 0.0)
+
+
+def test_a_run_stored_before_the_lr_factor_reads_as_factor_1():
+    import json
+
+    from monai_mtl.run_folder import ADDED_SETTINGS, differences
+
+    config = json.loads(open(TRAIN_CONFIG).read())
+    assert config["loss_weighting_lr_factor"] == ADDED_SETTINGS["loss_weighting_lr_factor"] == 1.0
+    current = {"optimizer#params": config["optimizer"]["params"], "loss_weighting_lr_factor": 1.0}
+    stored = {"optimizer#params": "$list(@network.parameters()) + list(@loss.parameters())"}
+    assert differences(stored, current) == []
+    assert differences(stored, {**current, "loss_weighting_lr_factor": 10.0}) == ["loss_weighting_lr_factor: 1.0 -> 10.0"]
+
+
 def test_the_learned_log_variances_are_logged_each_epoch_without_a_warning():
     from types import SimpleNamespace
 
