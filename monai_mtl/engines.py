@@ -206,8 +206,8 @@ def optimizer_parameters(network: torch.nn.Module, loss: torch.nn.Module, learni
     """What the optimizer trains: the network's parameters and the loss's learned ones (``uncertainty``'s task log-variances).
 
     ``loss_lr_factor`` 1 gives one list, the loss's parameters at the network's ``learning_rate`` (runs made before the
-    factor existed did exactly this). Above 1 the loss's parameters get their own group at ``learning_rate *
-    loss_lr_factor``, so that a log-variance can reach its balance: Adam moves each parameter by about its learning rate
+    factor existed did exactly this). Any other factor gives the loss's parameters their own group at ``learning_rate *
+    loss_lr_factor``; above 1, so that a log-variance can reach its balance: Adam moves each parameter by about its learning rate
     per step whatever the gradient's size, and the gradient of ``exp(-s) * L + s`` keeps one sign until ``s = log L``,
     so at the network's rate both log-variances descend in lockstep, about 2 in 30 epochs at 2e-3, far from their
     losses' logarithms (about -5 and -3 here): equal task weights on a growing common scale, not Kendall's balance. A
