@@ -210,7 +210,7 @@ def optimizer_parameters(network: torch.nn.Module, loss: torch.nn.Module, learni
     loss_lr_factor``; above 1, so that a log-variance can reach its balance: Adam moves each parameter by about its learning rate
     per step whatever the gradient's size, and the gradient of ``exp(-s) * L + s`` keeps one sign until ``s = log L``,
     so at the network's rate both log-variances descend in lockstep, about 2 in 30 epochs at 2e-3, far from their
-    losses' logarithms (about -5 and -3 here): equal task weights on a growing common scale, not Kendall's balance. A
+    terms' logarithms (about -6 and -4 here): equal task weights on a growing common scale, not Kendall's balance. A
     schedule scales every group's rate alike.
     """
     if not loss_lr_factor > 0:
