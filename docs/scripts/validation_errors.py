@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from shift_averaging_probe import SHIFTS  # train.json's moves: the probe beside this script reads them
 
 import monai_mtl.evaluation as ev
 from monai_mtl.cohort import to_datalist
 from monai_mtl.run_folder import read_run_cohort, run_dataset_dir
-
-#: train.json's default ``test_time_shifts``
-SHIFTS = json.loads((Path(__file__).parents[2] / "bundle" / "configs" / "train.json").read_text())["test_time_shifts"]
 
 
 def main() -> None:
