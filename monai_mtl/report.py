@@ -116,6 +116,9 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
     return (row.label, row.command, accuracy, mae, "—", "—", epochs, _minutes(timing.get("wall_seconds")))
 
 
+FLOOR_LABEL = "information limit: an observer who knows everything but the noise"
+
+
 def _floor_row(root: Path, run_dir: str) -> str | None:
     # the information limit on the reference run's test part (python -m monai_mtl floor), when it was computed
     floor_file = root / run_dir / "floor.json"
@@ -123,7 +126,7 @@ def _floor_row(root: Path, run_dir: str) -> str | None:
         return None
     floor = json.loads(floor_file.read_text())
     low, high = floor["bootstrap_95"]
-    cells = ("information limit: an observer who knows everything but the noise",
+    cells = (FLOOR_LABEL,
              f"`python -m monai_mtl floor --split {run_dir}/split.json`",
              "—", f"{floor['severity_mae']:.2f} ({low:.2f}–{high:.2f})", "—", "—", "—", "—")
     return "| " + " | ".join(cells) + " |"
@@ -199,11 +202,13 @@ MULTIMODAL_COMPARISONS = (
     # the imaging-only model trained as the fused one is: the default's schedule, task weighting, final batch-norm
     # statistics, final epoch and moves at prediction, the fused recipe's 60 epochs and nearest down-sampling
     # (multimodal.json sets both), so that the covariates are the one difference left (at the default's 30 epochs its
-    # severity was 0.26 worse: docs/experiments.md)
-    CvComparison("imaging only (`train.json` with the fused model's 60 epochs and `nearest` down-sampling)",
+    # severity was 0.26 worse: docs/experiments.md); and the L1 severity with one task block each, which the fused
+    # recipe pins since train.json moved to the bins with task blocks (session 29)
+    CvComparison("imaging only (`train.json` with the fused model's 60 epochs, `nearest` down-sampling, L1 severity)",
                  "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only "
-                      "--override scanner_augmentation#downsample_mode=nearest max_epochs=60`"),
+                      "--override scanner_augmentation#downsample_mode=nearest max_epochs=60 severity_loss=l1 severity_bins=0 "
+                      "network_def#task_blocks=1`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
                  make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),
     CvComparison("covariates only (scikit-learn, no imaging)", "runs/cv_multimodal_covariates_only", (),
@@ -299,11 +304,22 @@ def cv_comparison_table(root: str | os.PathLike = ".", reference: CvComparison =
             + "\n".join(lines) + "\n")
 
 
-def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT_ROWS, cv_dir: str = "runs/cv") -> str | None:
+def _table_rows(block: str) -> dict[str, str]:
+    """The body rows of a generated markdown table by their first cell (a model's label): label -> the row's line."""
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    return {line.strip().strip("|").split("|")[0].strip(): line for line in lines[2:]}
+
+
+def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT_ROWS, cv_dir: str = "runs/cv",
+                  previous: str | None = None) -> str | None:
     """The markdown results section: a header line on the data and machine, then one row per model found.
 
     ``None`` without the first row's run (ours): the header describes its split, and a table of baselines
-    alone would read as if ours had not been made (a fresh clone has no runs).
+    alone would read as if ours had not been made (a fresh clone has no runs). Another row (or the information
+    limit) whose run is absent under ``root`` keeps its line from ``previous`` (the block as it stands), said in
+    the header, so that making the reference run again does not drop what another machine made (a ResNet-18
+    training of over an hour). Each row is a run of its own, so a kept line stays true beside new ones, as long
+    as its recipe did not change (the configs that override ``train.json`` pin what they were measured with).
     """
     root = Path(root)
     if not (root / rows[0].run_dir / "test_metrics.json").is_file():
@@ -315,14 +331,21 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         "| " + " | ".join(PAPER_ROW) + " |",
     ]
     cv = _cv_cells(root / cv_dir, root / rows[0].run_dir)
+    kept_lines, kept = _table_rows(previous or ""), []
     for i, row in enumerate(rows):
         cells = _model_row(row, root)
         if cells is None:
+            if i > 0 and row.label in kept_lines:
+                lines.append(kept_lines[row.label])
+                kept.append(row.run_dir)
             continue
         if i == 0 and cv is not None:  # cross-validation was run for our model
             cells = (*cells[:4], cv[0], cv[1], cells[6], f"{cells[7]}; CV {cv[2]}")
         lines.append("| " + " | ".join(cells) + " |")
     floor = _floor_row(root, rows[0].run_dir)
+    if floor is None and FLOOR_LABEL in kept_lines:
+        floor = kept_lines[FLOOR_LABEL]
+        kept.append(f"{rows[0].run_dir}/floor.json")
     if floor is not None:
         lines.insert(3, floor)
     split_file = root / rows[0].run_dir / "split.json"
@@ -336,6 +359,9 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         f"{platform.python_version()}. Wall time: first to last TensorBoard event of the training "
         "(without cohort generation, caching and the final test pass); CV: the five folds together."
     )
+    if kept:
+        header += (" The rows of " + ", ".join(f"`{k}`" for k in kept) + " (absent where this was made) are kept as the "
+                   "table had them.")
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -347,13 +373,16 @@ ROBUSTNESS_RUNS = (("`paper` preset", "runs/paper_preset"), ("default (`robust`)
 
 
 def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS,
-                     compact: bool = False) -> str | None:
+                     compact: bool = False, previous: str | None = None) -> str | None:
     """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``),
     and one more for a run swept with ``--adapt-batchnorm``.
 
-    ``compact`` keeps the clean row, the middle strength of each artifact and every grid (the README's).
+    ``compact`` keeps the clean row, the middle strength of each artifact and every grid (the README's). A run
+    absent under ``root`` keeps its columns from ``previous`` (the table as it stands), said in the sources line,
+    as in :func:`leave_site_out_table`; with no run here at all, ``None``.
     """
-    tables = {}
+    tables, kept = {}, []
+    earlier = _table_columns(previous or "", key_cells=2)
     for label, run_dir in runs:
         path = Path(root) / run_dir / "robustness" / "robustness.csv"
         if path.is_file():
@@ -362,7 +391,13 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
             if "adapted_accuracy" in table.columns:  # swept with --adapt-batchnorm: its own column beside the run's
                 tables[f"{label}, adapted"] = {(r.kind, r.strength): _percent_and_mae(r.adapted_accuracy, r.adapted_severity_mae)
                                                for r in table.itertuples()}
-    if not tables:
+        else:
+            for name in (label, f"{label}, adapted"):
+                if name in earlier:  # the table's cells are keyed as shown: "slice thickness", "—" for no strength
+                    tables[name] = {(kind.replace(" ", "_"), "" if strength == "—" else strength): cells[0]
+                                    for (kind, strength), cells in earlier[name][1].items()}
+            kept += [run_dir] if label in earlier else []
+    if not any((Path(root) / d / "robustness" / "robustness.csv").is_file() for _, d in runs):
         return None
     keys = list(dict.fromkeys(k for cells in tables.values() for k in cells))
     if compact:
@@ -378,13 +413,16 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
     for kind, strength in keys:
         cells = [tables[label].get((kind, strength), "—") for label in tables]
         lines.append(f"| {kind.replace('_', ' ')} | {strength or '—'} | " + " | ".join(cells) + " |")
-    sources = ", ".join(f"`{run_dir}/robustness/robustness.csv`" for _, run_dir in runs)
+    sources = ", ".join(f"`{run_dir}/robustness/robustness.csv`" for _, run_dir in runs if run_dir not in kept)
+    if kept:
+        sources += "; the columns of " + ", ".join(f"`{d}`" for d in kept) + " (absent where this was made) kept as the table had them"
     return f"Generated by `python -m monai_mtl results --readme README.md` from {sources}.\n\n" + "\n".join(lines) + "\n"
 
 
-#: every leave-site-out run here was trained with the plateau schedule at 5e-4 and fixed task weights (``multisite.json``
-#: sets both; the other two were made before ``lr_schedule`` and the ``uncertainty`` default, with what is now
-#: ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed checkpoint_selection=best``)
+#: every leave-site-out run here was trained with the plateau schedule at 5e-4, fixed task weights and the L1 severity
+#: (``multisite.json`` sets them; the other two were made before ``lr_schedule``, the ``uncertainty`` default and the bins,
+#: with what is now ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed checkpoint_selection=best
+#: severity_loss=l1 severity_bins=0 network_def#task_blocks=1``)
 LEAVE_SITE_OUT_RUNS = (("`multisite.json`", "runs/loso_multisite"), ("`robust`", "runs/loso_robust"),
                        ("`paper`", "runs/loso_paper"))
 
@@ -432,11 +470,13 @@ def leave_site_out_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, s
     return f"Generated by `python -m monai_mtl results --readme README.md` from {sources}.\n\n" + "\n".join(lines) + "\n"
 
 
-def _table_columns(block: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
-    """The per-run columns of a generated leave-site-out table: run label -> (headers, cells per site).
+def _table_columns(block: str, key_cells: int = 1) -> dict[str, tuple[list[str], dict]]:
+    """The per-run columns of a generated table: run label -> (headers, cells per row), a row keyed by its first
+    cell (a leave-site-out table's site) or, with ``key_cells`` 2, by its first two (a robustness table's artifact
+    and strength).
 
     A header ``LABEL: ...`` starts or continues that run's columns; one without a label (an earlier version's
-    ``MAE ratio``) belongs to the run before it.
+    ``MAE ratio``) belongs to the run before it. The first ``max(key_cells, 2)`` columns are never a run's.
     """
     lines = [line for line in block.splitlines() if line.startswith("|")]
     if len(lines) < 3:
@@ -449,8 +489,9 @@ def _table_columns(block: str) -> dict[str, tuple[list[str], dict[str, list[str]
         label = name.split(": ", 1)[0] if ": " in name else label
         if label is not None:
             columns.setdefault(label, []).append(i)
+    key = (lambda row: row[0]) if key_cells == 1 else (lambda row: tuple(row[:key_cells]))
     return {label: ([header[i] if ": " in header[i] else f"{label}: {header[i]}" for i in index],
-                    {row[0]: [row[i] for i in index] for row in rows if len(row) == len(header)})
+                    {key(row): [row[i] for i in index] for row in rows if len(row) == len(header)})
             for label, index in columns.items()}
 
 
@@ -521,6 +562,12 @@ def ood_table(root: str | os.PathLike = ".", run_dir: str = "runs/train") -> str
         lines.append(f"| {what} | {r.n} | {auroc} | {100 * r.flagged:.1f}% |")
     return (f"Generated by `python -m monai_mtl results --readme README.md` from `{run_dir}/trust/ood.csv` "
             f"(`python -m monai_mtl trust --run {run_dir}`).\n\n" + "\n".join(lines) + "\n")
+
+
+def _block_text(text: str, name: str) -> str | None:
+    """What a document's generated block ``name`` holds now (``None`` without the block)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return text.split(start, 1)[1].split(end, 1)[0] if start in text and end in text else None
 
 
 def _checked_block(document: Path, name: str) -> str:
@@ -596,7 +643,8 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
 
     A block or figure whose runs are absent is left as it is (``None`` is returned for the results table then).
     """
-    section = results_table(root)
+    text = Path(readme).read_text() if readme else ""
+    section = results_table(root, previous=_block_text(text, "results"))
     if section is None:
         logger.warning("no %s under %s: the results table, its figures, the bundle's docs and metadata are left as they are",
                        DEFAULT_ROWS[0].run_dir, Path(root).absolute())
@@ -607,9 +655,10 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
             update_block(readme, section, "results")
         # the figures whose runs are here (the fused model's without the reference run too); the others are left as they are
         copy_figures(root, Path(readme).parent / "docs" / "results")
-        full = robustness_table(root)
+        full_file = Path(readme).parent / "docs" / "results" / "robustness.md"
+        full = robustness_table(root, previous=full_file.read_text() if full_file.is_file() else None)
         if full is not None:  # the README shows the compact table; the whole sweep is a generated file beside it
-            atomic_write_text(Path(readme).parent / "docs" / "results" / "robustness.md", "# Robustness sweep\n\n" + full)
+            atomic_write_text(full_file, "# Robustness sweep\n\n" + full)
         comparison = cv_comparison_table(root)
         if comparison is not None:  # the fold-by-fold comparison, a generated file beside the README
             atomic_write_text(Path(readme).parent / "docs" / "results" / "cv_comparison.md",
@@ -620,10 +669,8 @@ def write_all(root: str | os.PathLike = ".", readme: str | os.PathLike | None = 
             atomic_write_text(Path(readme).parent / "docs" / "results" / "multimodal.md",
                               "# Imaging and clinical covariates, fold by fold\n\n" + multimodal)
         text = Path(readme).read_text()
-        previous = text.split("<!-- leave-site-out:start -->", 1)[-1].split("<!-- leave-site-out:end -->", 1)[0] \
-            if "<!-- leave-site-out:start -->" in text else None
-        blocks = (("robustness", robustness_table(root, compact=True)),
-                  ("leave-site-out", leave_site_out_table(root, previous=previous)),
+        blocks = (("robustness", robustness_table(root, compact=True, previous=_block_text(text, "robustness"))),
+                  ("leave-site-out", leave_site_out_table(root, previous=_block_text(text, "leave-site-out"))),
                   ("trust", trust_table(root)), ("ood", ood_table(root)), ("cv-comparison", comparison),
                   ("multimodal", multimodal))
         for name, block in blocks:
