@@ -201,7 +201,9 @@ def _network_difference(checkpoint: str | os.PathLike, network: torch.nn.Module)
     if stored and hasattr(network, "init_args"):
         current = network_config(network)
         keys = sorted(set(stored) | set(current))
-        differ = [f"{k}: checkpoint {stored.get(k)!r}, network {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+        # settings recorded only when used (the bins, the covariates, ...) are absent at their default
+        shown = lambda settings, k: repr(settings[k]) if k in settings else "its default"  # noqa: E731
+        differ = [f"{k}: checkpoint {shown(stored, k)}, network {shown(current, k)}" for k in keys if stored.get(k) != current.get(k)]
         if differ:
             return "; ".join(differ)
     state = load_state_dict_file(checkpoint)

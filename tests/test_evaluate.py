@@ -57,11 +57,16 @@ def test_checkpoint_of_another_tool_is_refused(train_cohort, run_copy):
 
 
 def test_weights_of_another_architecture_name_the_differing_setting(trained_run, tmp_path):
-    from monai_mtl.checkpoints import CheckpointError
+    from monai_mtl.checkpoints import CheckpointError, read_run_metadata
     from monai_mtl.evaluation import load_weights
     from monai_mtl.networks import DualPathNet
 
-    with pytest.raises(CheckpointError, match=r"does not fit the network DualPathNet: .*task_blocks: checkpoint 1, network 0"):
+    stored = read_run_metadata(trained_run / "model.pt")["network"]
+    assert stored["task_blocks"] > 0 and stored["severity_bins"] > 0  # the default's: task paths, severity bins
+    # a setting recorded only when used (the bins) reads as the network's default where it is absent
+    with pytest.raises(CheckpointError, match=rf"does not fit the network DualPathNet: severity_bins: checkpoint "
+                                              rf"{stored['severity_bins']}, network its default; task_blocks: "
+                                              rf"checkpoint {stored['task_blocks']}, network 0"):
         load_weights(DualPathNet(dropout=0.1, task_blocks=0), trained_run / "model.pt")
 
 
@@ -77,10 +82,11 @@ def test_empty_test_part_is_refused_and_writes_nothing(trained_run, tmp_path):
 
     from monai_mtl.engines import MultiTaskEvaluator, ShiftAveragingInferer
     from monai_mtl.evaluation import evaluate_checkpoint
-    from monai_mtl.networks import DualPathNet
+    from monai_mtl.checkpoints import checkpoint_settings
+    from monai_mtl.networks import build_network
     from monai_mtl.trust import calibrated_shifts
 
-    network = DualPathNet(dropout=0.1)
+    network = build_network(checkpoint_settings(trained_run / "model.pt")["network"])
     evaluator = MultiTaskEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset([]), batch_size=4), network=network,
                                    inferer=ShiftAveragingInferer(calibrated_shifts(trained_run / "model.pt")))  # as calibrated
     with pytest.raises(ValueError, match="the evaluation data is empty"):
