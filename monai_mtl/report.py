@@ -208,7 +208,7 @@ MULTIMODAL_COMPARISONS = (
                  "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only "
                       "--override scanner_augmentation#downsample_mode=nearest max_epochs=60 severity_loss=l1 severity_bins=0 "
-                      "network_def#task_blocks=1`"),
+                      "severity_bin_sigma=2.0 network_def#task_blocks=1`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
                  make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),
     CvComparison("covariates only (scikit-learn, no imaging)", "runs/cv_multimodal_covariates_only", (),
@@ -381,7 +381,7 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
     absent under ``root`` keeps its columns from ``previous`` (the table as it stands), said in the sources line,
     as in :func:`leave_site_out_table`; with no run here at all, ``None``.
     """
-    tables, kept = {}, []
+    tables, kept, kept_columns = {}, [], []
     earlier = _table_columns(previous or "", key_cells=2)
     for label, run_dir in runs:
         path = Path(root) / run_dir / "robustness" / "robustness.csv"
@@ -396,10 +396,14 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
                 if name in earlier:  # the table's cells are keyed as shown: "slice thickness", "—" for no strength
                     tables[name] = {(kind.replace(" ", "_"), "" if strength == "—" else strength): cells[0]
                                     for (kind, strength), cells in earlier[name][1].items()}
+                    kept_columns.append(name)
             kept += [run_dir] if label in earlier else []
-    if not any((Path(root) / d / "robustness" / "robustness.csv").is_file() for _, d in runs):
+    swept = [label for label in tables if label not in kept_columns]
+    if not swept:
         return None
-    keys = list(dict.fromkeys(k for cells in tables.values() for k in cells))
+    # the rows (and the compact table's middle strengths) are those of the sweeps made here, in their order; a kept
+    # column holds only what its table showed, "—" elsewhere
+    keys = list(dict.fromkeys(k for label in swept for k in tables[label]))
     if compact:
         by_kind: dict[str, list] = {}
         for kind, strength in keys:
@@ -422,7 +426,7 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
 #: every leave-site-out run here was trained with the plateau schedule at 5e-4, fixed task weights and the L1 severity
 #: (``multisite.json`` sets them; the other two were made before ``lr_schedule``, the ``uncertainty`` default and the bins,
 #: with what is now ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed checkpoint_selection=best
-#: severity_loss=l1 severity_bins=0 network_def#task_blocks=1``)
+#: severity_loss=l1 severity_bins=0 severity_bin_sigma=2.0 network_def#task_blocks=1``)
 LEAVE_SITE_OUT_RUNS = (("`multisite.json`", "runs/loso_multisite"), ("`robust`", "runs/loso_robust"),
                        ("`paper`", "runs/loso_paper"))
 

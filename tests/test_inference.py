@@ -14,7 +14,6 @@ from conftest import BUNDLE_CONFIGS, run_bundle
 
 from monai_mtl.cohort import CohortError
 from monai_mtl.inference import PREDICTION_COLUMNS
-from monai_mtl.networks import DualPathNet
 
 INFER_CONFIG = str(BUNDLE_CONFIGS / "inference.json")
 META = str(BUNDLE_CONFIGS / "metadata.json")
@@ -124,9 +123,7 @@ def test_gradient_saliency_in_input_space_and_equal_to_monai_vanilla_grad(traine
     assert np.asarray(saliency.dataobj).max() > 0
 
     # batched input gradients equal MONAI's one-sample VanillaGrad, sample by sample
-    net = DualPathNet(dropout=0.1)
-    net.load_state_dict(torch.load(trained_run / "model.pt", weights_only=True))
-    net.eval()
+    net = _checkpoint_network(trained_run / "model.pt")
     x = torch.rand(3, 1, 64, 64, 16)
     classes = torch.tensor([0, 2, 1])
     for head in ("response", "severity"):
@@ -154,6 +151,17 @@ def test_nothing_usable_is_a_clear_error_and_writes_nothing(trained_run, tmp_pat
     assert not list((tmp_path / "o1").iterdir()) and not list((tmp_path / "o2").iterdir())
 
 
+def _checkpoint_network(checkpoint) -> torch.nn.Module:
+    """The network a checkpoint stores the settings of (the default's: task paths after the stem, severity bins), in eval mode."""
+    from monai_mtl.checkpoints import checkpoint_settings
+    from monai_mtl.evaluation import load_weights
+    from monai_mtl.networks import build_network
+
+    network = build_network(checkpoint_settings(checkpoint)["network"])
+    load_weights(network, checkpoint)
+    return network.eval()
+
+
 def test_find_inputs_errors(tmp_path):
     from monai_mtl.inference import find_inputs
 
@@ -174,9 +182,7 @@ def test_torchscript_export_matches_checkpoint(trained_run, tmp_path):
         ckpt_path=str(trained_run / "model.pt"),  # the network is built from the settings this checkpoint stores
     )
     exported = torch.jit.load(str(target))
-    net = DualPathNet(dropout=0.1)
-    net.load_state_dict(torch.load(trained_run / "model.pt", weights_only=True))
-    net.eval()
+    net = _checkpoint_network(trained_run / "model.pt")
     x = torch.rand(3, 1, 64, 64, 16)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x), atol=1e-5, rtol=1e-5)
@@ -194,4 +200,5 @@ def test_model_zoo_checks(trained_run, train_cohort, tmp_path):
     workflow.initialize()
     assert workflow.check_properties() == []
     meta = json.loads(open(META).read())
-    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
+    outputs = _checkpoint_network(checkpoint)(torch.zeros(1, 1, 64, 64, 16)).shape[1]  # logits, severity, bins' logits
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == outputs == 54

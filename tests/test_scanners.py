@@ -76,7 +76,9 @@ def test_checkpoint_stores_preprocessing_and_network(trained_run):
     metadata = read_run_metadata(trained_run / "model.pt")
     assert metadata["preprocessing"] == {"pixdim": [2.5, 3.0, 8.0], "spatial_size": [64, 64, 16], "axcodes": "RAS",
                                          "intensity": "zscore", "landmarks": [], "bias_field_degree": 0}
-    assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet" and metadata["network"]["task_blocks"] == 1
+    network_def = json.loads((BUNDLE_CONFIGS / "train.json").read_text())["network_def"]  # the settings it was trained with
+    assert metadata["network"]["_target_"] == "monai_mtl.networks.DualPathNet"
+    assert metadata["network"]["task_blocks"] == network_def["task_blocks"] and metadata["network"]["dropout"] == network_def["dropout"]
     settings = checkpoint_settings(trained_run / "model.pt", spatial_size=[64, 64, 16], pixdim=None)  # equal: accepted
     assert settings["preprocessing"] == Preprocessing()
 

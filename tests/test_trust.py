@@ -229,7 +229,9 @@ def test_calibrating_again_recalibrates_the_severity_and_records_the_setting(run
     after = pd.read_csv(run_copy / "test_predictions.csv", keep_default_na=False)
     metrics = json.loads((run_copy / "test_metrics.json").read_text())
     slope, intercept = trust.severity_lines[0]
-    np.testing.assert_allclose(after["pred_severity"], np.clip(slope * before["pred_severity"] + intercept, 0, 100), atol=1e-3)
+    # the two passes batch the scans differently, and the bins' severity (a float32 sum over 50 bins) then moves by a few
+    # thousandths of a point: 1e-2 of a point is still far below any recalibration's move
+    np.testing.assert_allclose(after["pred_severity"], np.clip(slope * before["pred_severity"] + intercept, 0, 100), atol=1e-2)
     assert metrics["trust"]["severity_recalibration"] == "linear"
     assert metrics["trust"]["severity_mae_before_recalibration"] == pytest.approx(
         (before["pred_severity"] - before["true_severity"]).abs().mean(), abs=1e-3)
