@@ -96,7 +96,6 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
     run_dir = root / row.run_dir
     metrics_file = run_dir / "test_metrics.json"
     if not metrics_file.is_file():
-        logger.warning("%s: no %s, row left out", row.label, metrics_file)
         return None
     metrics = json.loads(metrics_file.read_text())
     # runs of older versions have bootstrap intervals only in the evaluate workflow's metrics.json
@@ -338,6 +337,8 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
             if i > 0 and row.label in kept_lines:
                 lines.append(kept_lines[row.label])
                 kept.append(row.run_dir)
+            logger.warning("%s: no %s/test_metrics.json, row %s", row.label, row.run_dir,
+                           "kept as the table had it" if row.run_dir in kept else "left out")
             continue
         if i == 0 and cv is not None:  # cross-validation was run for our model
             cells = (*cells[:4], cv[0], cv[1], cells[6], f"{cells[7]}; CV {cv[2]}")
@@ -480,7 +481,7 @@ def _table_columns(block: str, key_cells: int = 1) -> dict[str, tuple[list[str],
     and strength).
 
     A header ``LABEL: ...`` starts or continues that run's columns; one without a label (an earlier version's
-    ``MAE ratio``) belongs to the run before it. The first ``max(key_cells, 2)`` columns are never a run's.
+    ``MAE ratio``) belongs to the run before it. The first two columns are never a run's.
     """
     lines = [line for line in block.splitlines() if line.startswith("|")]
     if len(lines) < 3:
