@@ -64,14 +64,16 @@ class TextbookCNN:
 def _train_throughput(net, channels_last: bool, steps: int, batch_size: int = 16, shape=(64, 64, 16)) -> float:
     import torch
 
+    from monai_mtl import SEVERITY_SCALE
     from monai_mtl.losses import MultiTaskLoss
 
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format).train()
     x = torch.rand(batch_size, 1, *shape).contiguous(memory_format=memory_format)
     target = {"response": torch.randint(0, 3, (batch_size,)), "severity": torch.rand(batch_size)}
-    bins = getattr(net, "severity_bins", 0)  # a network with severity bins trains with their KL loss, as train.json's does
-    loss_fn = MultiTaskLoss(severity_loss="bins", severity_bin_sigma=0.05) if bins else MultiTaskLoss()
+    # a network with severity bins trains with their KL loss, as train.json's does (its sigma of 5 points on the [0, 1] scale)
+    loss_fn = (MultiTaskLoss(severity_loss="bins", severity_bin_sigma=5.0 / SEVERITY_SCALE)
+               if getattr(net, "severity_bins", 0) else MultiTaskLoss())
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-4)
 
     def step():

@@ -153,13 +153,9 @@ def test_nothing_usable_is_a_clear_error_and_writes_nothing(trained_run, tmp_pat
 
 def _checkpoint_network(checkpoint) -> torch.nn.Module:
     """The network a checkpoint stores the settings of (the default's: task paths after the stem, severity bins), in eval mode."""
-    from monai_mtl.checkpoints import checkpoint_settings
-    from monai_mtl.evaluation import load_weights
-    from monai_mtl.networks import build_network
+    from monai_mtl.evaluation import CheckpointPredictor
 
-    network = build_network(checkpoint_settings(checkpoint)["network"])
-    load_weights(network, checkpoint)
-    return network.eval()
+    return CheckpointPredictor(checkpoint).network.eval()
 
 
 def test_find_inputs_errors(tmp_path):
