@@ -174,7 +174,8 @@ def robustness_figure(table: pd.DataFrame, output: str | os.PathLike) -> Path:
     """Accuracy and severity MAE per artifact kind against its strength, the clean scan as a dashed line.
 
     Args:
-        table: ``robustness.csv``'s rows (``kind``, ``strength``, ``accuracy``, ``severity_mae``; a ``clean`` row).
+        table: ``robustness.csv``'s rows (``kind``, ``strength``, ``accuracy``, ``severity_mae``; a ``clean`` row);
+            with ``ood_flagged``, the share of scans the OOD score flags is drawn in the accuracy panels too.
     """
     clean = table[table["kind"] == "clean"].iloc[0]
     kinds = [k for k in dict.fromkeys(table["kind"]) if k != "clean"]
@@ -183,8 +184,13 @@ def robustness_figure(table: pd.DataFrame, output: str | os.PathLike) -> Path:
         rows = table[table["kind"] == kind]
         for row, (metric, label) in enumerate((("accuracy", "accuracy"), ("severity_mae", "severity MAE"))):
             ax = axes[row, col]
-            ax.plot(range(len(rows)), rows[metric].to_numpy(), marker="o")
+            ax.plot(range(len(rows)), rows[metric].to_numpy(), marker="o", label=label)
             ax.axhline(clean[metric], color="k", ls="--", lw=0.8)
+            if row == 0 and "ood_flagged" in rows:
+                ax.plot(range(len(rows)), rows["ood_flagged"].to_numpy(), marker="x", ls=":", color="tab:red",
+                        label="flagged OOD")
+                if col == 0:
+                    ax.legend(fontsize=6, loc="lower left")
             ax.set_xticks(range(len(rows)), [str(s) for s in rows["strength"]], fontsize=7, rotation=30)
             if row == 0:
                 ax.set_title(kind.replace("_", " "), fontsize=9)

@@ -373,38 +373,52 @@ def _percent_and_mae(accuracy: float, mae: float) -> str:
 ROBUSTNESS_RUNS = (("`paper` preset", "runs/paper_preset"), ("default (`robust`)", "runs/train"))
 
 
+def _flagged_cell(row) -> str:
+    """``12% (98.5% / 2.40)``: the share flagged OOD, then the accuracy / MAE of the scans not flagged."""
+    rest = "—" if pd.isna(row.unflagged_accuracy) else _percent_and_mae(row.unflagged_accuracy, row.unflagged_severity_mae)
+    return f"{100 * row.ood_flagged:.0f}% ({rest})"
+
+
 def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str], ...] = ROBUSTNESS_RUNS,
                      compact: bool = False, previous: str | None = None) -> str | None:
     """Accuracy / severity MAE per artifact and strength, one column per run (``<run>/robustness/robustness.csv``),
-    and one more for a run swept with ``--adapt-batchnorm``.
+    one more for a run swept with ``--adapt-batchnorm`` and one for a calibrated run's OOD flags (the share flagged,
+    and the accuracy / MAE of the scans not flagged).
 
     ``compact`` keeps the clean row, the middle strength of each artifact and every grid (the README's). A run
     absent under ``root`` keeps its columns from ``previous`` (the table as it stands), said in the sources line,
     as in :func:`leave_site_out_table`; with no run here at all, ``None``.
     """
-    tables, kept, kept_columns = {}, [], []
+    columns: dict[str, dict] = {}  # header -> {(kind, strength): cell}
+    kept, kept_headers = [], []
     earlier = _table_columns(previous or "", key_cells=2)
     for label, run_dir in runs:
         path = Path(root) / run_dir / "robustness" / "robustness.csv"
         if path.is_file():
-            table = pd.read_csv(path, dtype={"strength": str}, keep_default_na=False)
-            tables[label] = {(r.kind, r.strength): _percent_and_mae(r.accuracy, r.severity_mae) for r in table.itertuples()}
+            table = pd.read_csv(path, dtype={"strength": str}, keep_default_na=False, na_values={
+                c: ["", "nan", "NaN"] for c in ("unflagged_accuracy", "unflagged_severity_mae")})
+            key = lambda r: (r.kind, r.strength)  # noqa: E731
+            columns[f"{label}: accuracy / MAE"] = {key(r): _percent_and_mae(r.accuracy, r.severity_mae) for r in table.itertuples()}
+            if "ood_flagged" in table.columns:  # calibrated: does it flag the scans an artifact breaks?
+                columns[f"{label}: flagged OOD (the rest: accuracy / MAE)"] = {key(r): _flagged_cell(r) for r in table.itertuples()}
             if "adapted_accuracy" in table.columns:  # swept with --adapt-batchnorm: its own column beside the run's
-                tables[f"{label}, adapted"] = {(r.kind, r.strength): _percent_and_mae(r.adapted_accuracy, r.adapted_severity_mae)
-                                               for r in table.itertuples()}
+                columns[f"{label}, adapted: accuracy / MAE"] = {key(r): _percent_and_mae(r.adapted_accuracy, r.adapted_severity_mae)
+                                                                for r in table.itertuples()}
         else:
             for name in (label, f"{label}, adapted"):
                 if name in earlier:  # the table's cells are keyed as shown: "slice thickness", "—" for no strength
-                    tables[name] = {(kind.replace(" ", "_"), "" if strength == "—" else strength): cells[0]
-                                    for (kind, strength), cells in earlier[name][1].items()}
-                    kept_columns.append(name)
+                    headers, cells = earlier[name]
+                    for i, header in enumerate(headers):
+                        columns[header] = {(kind.replace(" ", "_"), "" if strength == "—" else strength): row[i]
+                                           for (kind, strength), row in cells.items()}
+                        kept_headers.append(header)
             kept += [run_dir] if label in earlier else []
-    swept = [label for label in tables if label not in kept_columns]
+    swept = [header for header in columns if header not in kept_headers]
     if not swept:
         return None
     # the rows (and the compact table's middle strengths) are those of the sweeps made here, in their order; a kept
     # column holds only what its table showed, "—" elsewhere
-    keys = list(dict.fromkeys(k for label in swept for k in tables[label]))
+    keys = list(dict.fromkeys(k for header in swept for k in columns[header]))
     if compact:
         by_kind: dict[str, list] = {}
         for kind, strength in keys:
@@ -412,11 +426,11 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
         keys = [(kind, strength) for kind, strength in keys
                 if kind in ("clean", "grid") or strength == by_kind[kind][len(by_kind[kind]) // 2]]
     lines = [
-        "| artifact | strength | " + " | ".join(f"{label}: accuracy / MAE" for label in tables) + " |",
-        "|---|---|" + "---|" * len(tables),
+        "| artifact | strength | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for kind, strength in keys:
-        cells = [tables[label].get((kind, strength), "—") for label in tables]
+        cells = [columns[header].get((kind, strength), "—") for header in columns]
         lines.append(f"| {kind.replace('_', ' ')} | {strength or '—'} | " + " | ".join(cells) + " |")
     sources = ", ".join(f"`{run_dir}/robustness/robustness.csv`" for _, run_dir in runs if run_dir not in kept)
     if kept:

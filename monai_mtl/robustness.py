@@ -101,6 +101,22 @@ def _metrics_row(table: pd.DataFrame, **columns) -> dict:
     return {**columns, "n": report["n"], "accuracy": report["accuracy"], "severity_mae": report["severity_mae"]}
 
 
+#: the sweep's columns for a checkpoint with trust settings: does the model say when a scanner's scans are beyond it?
+FLAGGED_COLUMNS = ("ood_flagged", "unflagged_accuracy", "unflagged_severity_mae")
+
+
+def _flagged_row(table: pd.DataFrame) -> dict:
+    """The share of a row's scans that the checkpoint's OOD score flags, and the accuracy and MAE of the scans it does
+    not flag: what a user who sets the flagged predictions aside is left with (NaN when every scan is flagged)."""
+    flagged = table["ood"].astype(bool).to_numpy()
+    rest = table[~flagged]
+    if rest.empty:
+        return dict(zip(FLAGGED_COLUMNS, (1.0, float("nan"), float("nan"))))
+    accuracy = float((rest["true_response"] == rest["pred_response"]).mean())
+    mae = float((rest["true_severity"] - rest["pred_severity"]).abs().mean())
+    return dict(zip(FLAGGED_COLUMNS, (float(flagged.mean()), accuracy, mae)))
+
+
 def regrid_subjects(
     dataset_dir: str | os.PathLike, subject_ids: Sequence[str], shape: Sequence[int], output_dir: str | os.PathLike
 ) -> list[dict]:
@@ -160,7 +176,10 @@ def artifact_sweep(
     (an augmentation preset, a normalisation) on, so the test part is read once, for the chosen one.
 
     Writes ``robustness.csv`` (``kind``, ``strength``, ``n``, ``accuracy``, ``severity_mae``; the
-    ``clean`` row first) and ``robustness.png`` into ``output_dir``. With a synthetic single-site
+    ``clean`` row first) and ``robustness.png`` into ``output_dir``. A checkpoint calibrated with trust settings
+    (every training run's) adds :data:`FLAGGED_COLUMNS`: the share of the row's scans its OOD score flags
+    (``ood_flagged``) and the accuracy and MAE of the others, so the table says whether the model warns where an
+    artifact breaks it. With a synthetic single-site
     cohort, ``grids`` adds one ``grid`` row per grid (``strength`` like ``80x72x24``), the test
     subjects re-rendered there.
 
@@ -192,7 +211,10 @@ def artifact_sweep(
         datalist = model.with_covariates(to_datalist(cohort, subject_ids), cohort)
 
         def _row(records: list[dict], acquisition=(), **columns) -> dict:
-            row = _metrics_row(model.predict(records, acquisition), **columns)
+            predictions = model.predict(records, acquisition)
+            row = _metrics_row(predictions, **columns)
+            if model.trust is not None:
+                row.update(_flagged_row(predictions))
             if adapt_batchnorm:
                 stored = {k: v.clone() for k, v in model.network.state_dict().items()}
                 model.adapt_batchnorm(records, acquisition, min_scans=min_scans)
@@ -221,6 +243,7 @@ def artifact_sweep(
         elif grids:
             logger.info("robustness: no cohort.json in %s (not a synthetic cohort): no grid rows", dataset_dir)
         table = pd.DataFrame(rows, columns=["kind", "strength", "n", "accuracy", "severity_mae",
+                                            *(FLAGGED_COLUMNS if model.trust is not None else ()),
                                             *(["adapted_accuracy", "adapted_severity_mae"] if adapt_batchnorm else [])])
         output_dir.mkdir(parents=True, exist_ok=True)
         robustness_figure(table, output_dir / "robustness.png")

@@ -246,3 +246,31 @@ def test_results_without_the_reference_run_leaves_the_results_block_its_file_and
     figures = readme.parent / "docs" / "results"  # the figure whose run is here is copied, no other is touched
     assert (figures / "covariate_importance.png").read_bytes() == b"the fused model's figure"
     assert sorted(p.name for p in figures.iterdir()) == ["covariate_importance.png"]
+
+
+def test_robustness_block_shows_the_ood_flags_and_keeps_them_for_a_run_made_elsewhere(tmp_path):
+    """A calibrated sweep's ``ood_flagged`` columns become a column of their own (the share flagged, then the rest's
+    accuracy / MAE; "—" when every scan is flagged); when that run is absent, the column is kept from the block."""
+    from monai_mtl.report import robustness_table
+
+    (tmp_path / "runs" / "train" / "robustness").mkdir(parents=True)
+    (tmp_path / "runs" / "paper_preset" / "robustness").mkdir(parents=True)
+    pd.DataFrame({"kind": ["clean", "motion"], "strength": ["", "0.2"], "n": [8, 8], "accuracy": [1.0, 0.25],
+                  "severity_mae": [2.5, 30.0], "ood_flagged": [0.0, 1.0], "unflagged_accuracy": [1.0, float("nan")],
+                  "unflagged_severity_mae": [2.5, float("nan")]}
+                 ).to_csv(tmp_path / "runs" / "paper_preset" / "robustness" / "robustness.csv", index=False)
+    pd.DataFrame({"kind": ["clean", "motion"], "strength": ["", "0.2"], "n": [8, 8], "accuracy": [1.0, 0.5],
+                  "severity_mae": [2.0, 20.0], "ood_flagged": [0.125, 0.5], "unflagged_accuracy": [1.0, 0.75],
+                  "unflagged_severity_mae": [2.25, 6.5]}
+                 ).to_csv(tmp_path / "runs" / "train" / "robustness" / "robustness.csv", index=False)
+    block = robustness_table(tmp_path)
+    lines = block.splitlines()
+    assert lines[2] == ("| artifact | strength | `paper` preset: accuracy / MAE | `paper` preset: flagged OOD (the rest: "
+                        "accuracy / MAE) | default (`robust`): accuracy / MAE | default (`robust`): flagged OOD (the rest: "
+                        "accuracy / MAE) |")
+    assert lines[4] == "| clean | — | 100.0% / 2.50 | 0% (100.0% / 2.50) | 100.0% / 2.00 | 12% (100.0% / 2.25) |"
+    assert lines[5] == "| motion | 0.2 | 25.0% / 30.00 | 100% (—) | 50.0% / 20.00 | 50% (75.0% / 6.50) |"
+    shutil.rmtree(tmp_path / "runs" / "paper_preset")
+    again = robustness_table(tmp_path, previous=block)
+    assert again.splitlines()[2:] == lines[2:]  # both of the absent run's columns kept, cell by cell
+    assert "the columns of `runs/paper_preset` (absent where this was made) kept" in again.splitlines()[0]

@@ -202,7 +202,15 @@ def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohor
     assert main(["robustness", "--run", str(trained_run), "--output-dir", str(out),
                  "--kinds", "noise", "resolution", "slice_thickness", "--grids", "80x72x24"]) == 0
     table = pd.read_csv(out / "robustness.csv", keep_default_na=False)
-    assert list(table.columns) == ["kind", "strength", "n", "accuracy", "severity_mae"]
+    # a training run is calibrated: the sweep also says how many scans its OOD score flags, and how the rest fare
+    assert list(table.columns) == ["kind", "strength", "n", "accuracy", "severity_mae",
+                                   "ood_flagged", "unflagged_accuracy", "unflagged_severity_mae"]
+    numbers = pd.read_csv(out / "robustness.csv")  # empty = NaN: the rest's figures when every scan is flagged
+    assert numbers["ood_flagged"].between(0, 1).all()
+    assert numbers["unflagged_accuracy"].isna().eq(numbers["ood_flagged"] == 1).all()
+    none_flagged = numbers[numbers["ood_flagged"] == 0]
+    assert np.allclose(none_flagged["unflagged_accuracy"], none_flagged["accuracy"])
+    assert np.allclose(none_flagged["unflagged_severity_mae"], none_flagged["severity_mae"])
     assert table["kind"].tolist() == ["clean"] + ["noise"] * 3 + ["resolution"] * 3 + ["slice_thickness"] * 3 + ["grid"]
     assert table["strength"].tolist()[-1] == "80x72x24"
     n_test = len(json.loads((trained_run / "split.json").read_text())["test"])
@@ -210,6 +218,20 @@ def test_robustness_command_writes_its_table_and_figure(trained_run, train_cohor
     # the strongest noise moves the predictions away from the clean ones
     assert table["severity_mae"].iloc[3] != table["severity_mae"].iloc[0]
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweeps_flag_columns_set_the_flagged_scans_aside():
+    from monai_mtl.robustness import FLAGGED_COLUMNS, _flagged_row
+
+    predictions = pd.DataFrame({"true_response": [0, 1, 2, 2], "pred_response": [0, 2, 2, 0],
+                                "true_severity": [10.0, 50.0, 80.0, 90.0], "pred_severity": [12.0, 40.0, 79.0, 20.0],
+                                "ood": [False, False, False, True]})
+    row = _flagged_row(predictions)
+    assert list(row) == list(FLAGGED_COLUMNS)
+    assert row["ood_flagged"] == 0.25  # the flagged scan (wrong class, 70 points off) is set aside
+    assert row["unflagged_accuracy"] == pytest.approx(2 / 3) and row["unflagged_severity_mae"] == pytest.approx(13 / 3)
+    every = _flagged_row(predictions.assign(ood=True))
+    assert every["ood_flagged"] == 1.0 and np.isnan(every["unflagged_accuracy"]) and np.isnan(every["unflagged_severity_mae"])
 
 
 def test_the_sweep_and_the_ood_report_refuse_a_cohort_the_run_was_not_trained_on(trained_run, train_cohort, tmp_path, capsys):
