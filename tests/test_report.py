@@ -268,8 +268,8 @@ def test_robustness_block_shows_the_ood_flags_and_keeps_them_for_a_run_made_else
     assert lines[2] == ("| artifact | strength | `paper` preset: accuracy / MAE | `paper` preset: flagged OOD (the rest: "
                         "accuracy / MAE) | default (`robust`): accuracy / MAE | default (`robust`): flagged OOD (the rest: "
                         "accuracy / MAE) |")
-    assert lines[4] == "| clean | — | 100.0% / 2.50 | 0% (100.0% / 2.50) | 100.0% / 2.00 | 12% (100.0% / 2.25) |"
-    assert lines[5] == "| motion | 0.2 | 25.0% / 30.00 | 100% (—) | 50.0% / 20.00 | 50% (75.0% / 6.50) |"
+    assert lines[4] == "| clean | — | 100.0% / 2.50 | 0.0% (100.0% / 2.50) | 100.0% / 2.00 | 12.5% (100.0% / 2.25) |"
+    assert lines[5] == "| motion | 0.2 | 25.0% / 30.00 | 100.0% (—) | 50.0% / 20.00 | 50.0% (75.0% / 6.50) |"
     shutil.rmtree(tmp_path / "runs" / "paper_preset")
     again = robustness_table(tmp_path, previous=block)
     assert again.splitlines()[2:] == lines[2:]  # both of the absent run's columns kept, cell by cell
