@@ -34,7 +34,7 @@ from monai.transforms import MapTransform
 from monai_mtl.artifacts import ARTIFACT_KINDS, apply_artifact
 from monai_mtl.cohort import CohortError, read_cohort, to_datalist
 from monai_mtl.errors import ConfigError
-from monai_mtl.evaluation import CheckpointPredictor
+from monai_mtl.evaluation import CheckpointPredictor, report_from_predictions
 from monai_mtl.io import atomic_write_csv, atomic_write_text, nifti_image
 from monai_mtl.run_folder import RunLock, read_run_cohort, requested_config
 from monai_mtl.transforms import ResampleToFieldOfViewd
@@ -95,8 +95,6 @@ class ArtifactScand(MapTransform):
 
 
 def _metrics_row(table: pd.DataFrame, **columns) -> dict:
-    from monai_mtl.evaluation import report_from_predictions
-
     report = report_from_predictions(table)
     return {**columns, "n": report["n"], "accuracy": report["accuracy"], "severity_mae": report["severity_mae"]}
 
@@ -112,9 +110,8 @@ def _flagged_row(table: pd.DataFrame) -> dict:
     rest = table[~flagged]
     if rest.empty:
         return dict(zip(FLAGGED_COLUMNS, (1.0, float("nan"), float("nan"))))
-    accuracy = float((rest["true_response"] == rest["pred_response"]).mean())
-    mae = float((rest["true_severity"] - rest["pred_severity"]).abs().mean())
-    return dict(zip(FLAGGED_COLUMNS, (float(flagged.mean()), accuracy, mae)))
+    report = report_from_predictions(rest)
+    return dict(zip(FLAGGED_COLUMNS, (float(flagged.mean()), report["accuracy"], report["severity_mae"])))
 
 
 def regrid_subjects(
