@@ -232,6 +232,9 @@ def test_the_sweeps_flag_columns_set_the_flagged_scans_aside():
     assert row["unflagged_accuracy"] == pytest.approx(2 / 3) and row["unflagged_severity_mae"] == pytest.approx(13 / 3)
     every = _flagged_row(predictions.assign(ood=True))
     assert every["ood_flagged"] == 1.0 and np.isnan(every["unflagged_accuracy"]) and np.isnan(every["unflagged_severity_mae"])
+    none = _flagged_row(predictions.assign(ood=False))  # nothing flagged: the rest is the whole row
+    assert none["ood_flagged"] == 0.0 and none["unflagged_accuracy"] == pytest.approx(2 / 4)
+    assert none["unflagged_severity_mae"] == pytest.approx((2 + 10 + 1 + 70) / 4)
 
 
 def test_the_sweep_and_the_ood_report_refuse_a_cohort_the_run_was_not_trained_on(trained_run, train_cohort, tmp_path, capsys):
