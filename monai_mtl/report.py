@@ -441,7 +441,8 @@ def robustness_table(root: str | os.PathLike = ".", runs: tuple[tuple[str, str],
 #: every leave-site-out run here was trained with the plateau schedule at 5e-4, fixed task weights and the L1 severity
 #: (``multisite.json`` sets them; the other two were made before ``lr_schedule``, the ``uncertainty`` default and the bins,
 #: with what is now ``--override lr_schedule=plateau learning_rate=0.0005 loss_weighting=fixed checkpoint_selection=best
-#: severity_loss=l1 severity_bins=0 severity_bin_sigma=2.0 network_def#task_blocks=1 max_epochs=30``)
+#: severity_loss=l1 severity_bins=0 severity_bin_sigma=2.0 network_def#task_blocks=1 max_epochs=30``, one pass;
+#: ``multisite.json`` trains 40 epochs and averages over the default's moves since bundle 0.9.2)
 LEAVE_SITE_OUT_RUNS = (("`multisite.json`", "runs/loso_multisite"), ("`robust`", "runs/loso_robust"),
                        ("`paper`", "runs/loso_paper"))
 

@@ -13,6 +13,7 @@ layer is chosen without the test parts (docs/experiments.md, session 30).
 import json
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,10 @@ def features_and_predictions(model: CheckpointPredictor, records: list[dict], ac
             features[layer].append(recorder.last.numpy())
 
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, keep)
-    for recorder in recorders.values():
-        recorder.__enter__()
-    try:
-        evaluator.run()
-    finally:
+    with ExitStack() as hooks:
         for recorder in recorders.values():
-            recorder.__exit__()
+            hooks.enter_context(recorder)
+        evaluator.run()
     return {layer: np.concatenate(f) for layer, f in features.items()}, collector.table()
 
 
