@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Response classes, indexed as in ``labels.csv``'s ``response`` column.
 RESPONSE_NAMES: tuple[str, ...] = ("non_responder", "partial_responder", "responder")

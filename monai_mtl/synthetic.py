@@ -14,6 +14,9 @@ Severity effects (``s = severity / 100``), as the paper describes, on the prefro
 * prefrontal cortical thickness ``T = T0 * (1 - pfc_thickness_loss * s)``, replaced by CSF from outside;
 * prefrontal grey-matter intensity ``I = I0 * (1 - pfc_intensity_loss * s)``.
 
+With clinical covariates (``generate --covariates``) ageing adds to ``s`` the atrophy of
+``age_atrophy_per_year`` severity points a year above 18 (:mod:`monai_mtl.clinical`); the label stays the disease's.
+
 Class signature (an assumption beyond the paper, which calls the groups distinct): the caudate nuclei
 have a class-specific intensity (``caudate_intensity``), independent of severity.
 """
@@ -103,6 +106,9 @@ class CohortConfig:
     warp_smoothness_mm: float = 15.0
     noise_std: float = 0.01
     intensity_shift: float = 0.05
+    #: severity points of age-related atrophy a year of ``age`` above 18 (:mod:`monai_mtl.clinical`): the scan shows
+    #: ``severity + age_atrophy_per_year * (age - 18)``. Needs the covariates (the age); ``None``: 0.2 with them, 0 without
+    age_atrophy_per_year: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid parameter."""
@@ -136,6 +142,15 @@ class CohortConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.noise_std < 0 or not 0 <= self.intensity_shift < 1:
             raise ValueError("noise_std must be >= 0 and intensity_shift in [0, 1)")
+        if self.age_atrophy_per_year is not None:
+            from monai_mtl.clinical import MAX_AGE, age_atrophy
+
+            # the oldest subject's most severe anatomy must still be a loss below 100% of every structure
+            most = 1.0 + age_atrophy(MAX_AGE, self.age_atrophy_per_year) / SEVERITY_SCALE
+            if self.age_atrophy_per_year < 0 or max(self.hippocampus_volume_loss, self.hippocampus_intensity_loss,
+                                                    self.pfc_thickness_loss, self.pfc_intensity_loss) * most >= 1.0:
+                raise ValueError(f"age_atrophy_per_year must be >= 0 and keep every severity effect below a 100% loss at "
+                                 f"age {MAX_AGE}, got {self.age_atrophy_per_year}")
 
     @property
     def affine(self) -> np.ndarray:
@@ -419,11 +434,16 @@ def _subject_anatomy(
     """Subject ``index``'s stream after its anatomy draws, its labels, and its noise-free render.
 
     The render ``(severity, dz) -> image`` on ``grid`` uses the subject's own nuisance (rotation, scale,
-    translation, ventricle size, smooth deformation) at any severity, shifted by ``dz`` mm along z (a
-    sub-slice of a slab). The stream then continues with the noise draws.
+    translation, ventricle size, smooth deformation, and the age's atrophy where ``config`` has one) at any
+    severity, shifted by ``dz`` mm along z (a sub-slice of a slab). The stream then continues with the noise draws.
     """
     rng = _subject_rng(config.seed, index)
     subject = draw_subject(config, index, rng)
+    ageing = 0.0  # severity points of age-related atrophy, drawn from the covariates' own stream
+    if config.age_atrophy_per_year:
+        from monai_mtl.clinical import age_atrophy, subject_age
+
+        ageing = age_atrophy(subject_age(config.seed, index), config.age_atrophy_per_year)
     world = grid_world(grid)
     warp = _smooth_random_field(rng, grid.shape, grid.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
     linear = _rotation_matrix(subject.rotation_rad) @ np.diag(subject.scale)
@@ -431,7 +451,7 @@ def _subject_anatomy(
     def render(severity: float, dz: float = 0.0) -> np.ndarray:
         displaced = world + warp + np.array([0.0, 0.0, dz]).reshape(3, 1, 1, 1) if dz else world + warp
         template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
-        weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity,
+        weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity + ageing,
                                         subject.ventricle_scale)
         return (weights * values).sum(axis=0)
 
@@ -571,7 +591,8 @@ def generate_cohort(
         sites: number of acquisition sites (:func:`draw_sites`); with more than one, ``labels.csv`` gets
             a ``site`` column and ``cohort.json`` the sites' acquisitions. 1 is the paper's cohort.
         covariates: add the clinical covariates of :mod:`monai_mtl.clinical` (``age``, ``sex``,
-            ``baseline_score``, ``genotype``, ``prior_treatments``); the response becomes the observed one.
+            ``baseline_score``, ``genotype``, ``prior_treatments``); the response becomes the observed one, and
+            the scans show the age's atrophy (``config.age_atrophy_per_year``, default 0.2 with covariates).
         layout: ``csv`` (``images/`` + ``labels.csv``) or ``bids`` (a BIDS dataset: ``participants.tsv``,
             ``sub-<label>/anat/sub-<label>_T1w.nii.gz``; see :func:`monai_mtl.bids.write_layout`).
 
@@ -580,6 +601,12 @@ def generate_cohort(
         >>> labels = generate_cohort("data/tiny", CohortConfig(num_samples=12), progress=False)  # doctest: +SKIP
     """
     config = config or CohortConfig()
+    if config.age_atrophy_per_year is None:  # resolved here, so that cohort.json records what was rendered
+        from monai_mtl.clinical import AGE_ATROPHY_PER_YEAR
+
+        config = replace(config, age_atrophy_per_year=AGE_ATROPHY_PER_YEAR if covariates else 0.0)
+    elif config.age_atrophy_per_year and not covariates:
+        raise ValueError(f"age_atrophy_per_year {config.age_atrophy_per_year} needs covariates (the age column)")
     config.validate()
     acquisitions = tuple(draw_sites(config, sites)) if sites > 1 else ()
     if sites < 1:
@@ -632,7 +659,7 @@ def generate_cohort(
         if covariates:
             from monai_mtl.clinical import covariate_facts
 
-            metadata["covariates"] = covariate_facts(labels, biological)
+            metadata["covariates"] = covariate_facts(labels, biological, config.age_atrophy_per_year)
         if acquisitions:
             metadata["sites"] = [asdict(a) for a in acquisitions]
             metadata["site_counts"] = {str(k): int(v) for k, v in labels["site"].value_counts().sort_index().items()}

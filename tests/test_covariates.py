@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from monai_mtl.clinical import COVARIATE_COLUMNS, observed_response
+from monai_mtl.clinical import AGE_ATROPHY_PER_YEAR, COVARIATE_COLUMNS, observed_response, subject_age
 from monai_mtl.cohort import to_datalist
 from monai_mtl.covariates import CovariateDropout, CovariateEncoding, covariate_dropout
 from monai_mtl.errors import CohortError, ConfigError
-from monai_mtl.synthetic import CohortConfig, generate_cohort
+from monai_mtl.synthetic import CohortConfig, config_from_dict, generate_cohort, severity_renderer
 
 
 def test_generate_covariates_adds_the_columns_and_moves_some_responses_only(tmp_path):
     config = CohortConfig(num_samples=40, seed=5)
     plain = generate_cohort(tmp_path / "plain", config, workers=1, progress=False)
-    fused = generate_cohort(tmp_path / "fused", config, workers=1, progress=False, covariates=True)
+    fused = generate_cohort(tmp_path / "fused", replace(config, age_atrophy_per_year=0.0), workers=1, progress=False,
+                            covariates=True)
     assert list(fused.columns[-len(COVARIATE_COLUMNS):]) == list(COVARIATE_COLUMNS)
     assert list(plain.columns) == list(fused.columns[:-len(COVARIATE_COLUMNS)])  # nothing else added
-    # the scans and severities are those of the cohort without covariates
+    # without the age's atrophy the scans and severities are those of the cohort without covariates
     assert (plain["severity"] == fused["severity"]).all()
     for a, b in zip(plain["image"], fused["image"]):
         assert (tmp_path / "plain" / a).read_bytes() == (tmp_path / "fused" / b).read_bytes()
@@ -35,6 +37,30 @@ def test_generate_covariates_adds_the_columns_and_moves_some_responses_only(tmp_
     assert facts["responses_moved"] == int(moved.sum()) and facts["columns"] == list(COVARIATE_COLUMNS)
     assert not (csv.loc[moved, "prior_treatments"].lt(3) & csv.loc[moved, "genotype"].isin(["poor", "intermediate", "normal"])).any()
     assert observed_response(2, "ultrarapid", 4) == 0 and observed_response(0, "ultrarapid", 0) == 0
+
+
+def test_the_age_atrophies_the_scan_as_the_disease_does_and_is_recorded(tmp_path):
+    config = CohortConfig(num_samples=6, seed=5)
+    fused = generate_cohort(tmp_path / "fused", config, workers=1, progress=False, covariates=True)
+    recorded = json.loads((tmp_path / "fused" / "cohort.json").read_text())
+    assert recorded["parameters"]["age_atrophy_per_year"] == AGE_ATROPHY_PER_YEAR == 0.2  # the default, resolved
+    assert "0.2 x (age - 18)" in recorded["covariates"]["age_rule"]
+    aged = config_from_dict(recorded["parameters"])  # what the floor and the grid sweep re-render from
+    for index, row in fused.iterrows():
+        age = subject_age(5, index)
+        assert age == row["age"]
+        _, young = severity_renderer(replace(config, age_atrophy_per_year=0.0), index)
+        subject, old = severity_renderer(aged, index)
+        # the scan at the disease's severity is the young anatomy at the severity plus 0.2 points a year above 18
+        np.testing.assert_array_equal(old(subject.severity), young(subject.severity + 0.2 * (age - 18)))
+        assert subject.severity == row["severity"]  # the label stays the disease's
+    assert (fused["age"] > 18).any()
+    # the paper's cohort has no age; a rate without covariates, or one that would lose more than everything, is refused
+    with pytest.raises(ValueError, match="needs covariates"):
+        generate_cohort(tmp_path / "x", replace(config, age_atrophy_per_year=0.2), workers=1, progress=False)
+    with pytest.raises(ValueError, match="age_atrophy_per_year must be"):
+        replace(config, age_atrophy_per_year=2.0).validate()
+    assert json.loads(json.dumps(CohortConfig().age_atrophy_per_year)) is None
 
 
 def _table():

@@ -27,8 +27,9 @@ def test_voxel_likelihood_is_the_uniform_shift_convolved_with_the_gaussian_noise
     assert log_likelihood(np.array([y]), np.array([c]), noise, shift) == pytest.approx(np.log(density), rel=1e-6, abs=1e-6)
 
 
-def test_floor_is_exact_on_noise_free_renders():
-    config = CohortConfig()
+@pytest.mark.parametrize("config", [CohortConfig(), CohortConfig(age_atrophy_per_year=0.2)], ids=["paper", "aged"])
+def test_floor_is_exact_on_noise_free_renders(config):
+    # with covariates the observer knows the age too: the render at each candidate severity carries its atrophy
     for index in range(3):
         subject, render = severity_renderer(config, index)
         low, high = config.severity_ranges[subject.response]
