@@ -483,7 +483,8 @@ class BatchScannerAugmentation:
         gibbs_prob: float = 0.2, gibbs_alpha: tuple[float, float] = (0.0, 0.4),
         rician_prob: float = 0.2, rician_std: float = 0.1,
         smooth_prob: float = 0.2, sigma: Sequence[tuple[float, float]] = ((0.25, 0.8), (0.25, 0.8), (0.1, 0.4)),
-        low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9), downsample_mode: str = "nearest",
+        low_resolution_prob: float = 0.2, zoom: tuple[float, float] = (0.5, 0.9),
+        downsample_mode: str | Sequence[str] = "nearest",
         affine_prob: float = 0.15, rotate: float = np.pi / 60, scale: float = 0.03,
         translate: tuple[float, float, float] = (2.0, 2.0, 1.0),
         ghost_prob: float = 0.0, ghost_strength: tuple[float, float] = (0.0, 0.3),
@@ -496,9 +497,12 @@ class BatchScannerAugmentation:
         self.rician_prob, self.rician_std = rician_prob, rician_std
         self.smooth_prob, self.sigma = smooth_prob, tuple(sigma)
         self.low_resolution_prob, self.zoom = low_resolution_prob, zoom
-        if downsample_mode not in DOWNSAMPLE_MODES:
-            raise ConfigError(f"scanner_augmentation downsample_mode must be one of {DOWNSAMPLE_MODES}, got {downsample_mode!r}")
-        self.downsample_mode = downsample_mode
+        # one mode, or several drawn uniformly per simulated scan (a scanner's point-spread lies between them)
+        modes = [downsample_mode] if isinstance(downsample_mode, str) else list(downsample_mode)
+        if not modes or any(mode not in DOWNSAMPLE_MODES for mode in modes):
+            raise ConfigError(f"scanner_augmentation downsample_mode must be one of {DOWNSAMPLE_MODES} or a list of them, "
+                              f"got {downsample_mode!r}")
+        self.downsample_mode = modes[0] if len(modes) == 1 else tuple(modes)
         self.affine_prob, self.rotate, self.scale, self.translate = affine_prob, rotate, scale, tuple(translate)
         self.ghost_prob, self.ghost_strength = ghost_prob, tuple(ghost_strength)
         self.ghost_period, self.ghost_axes = tuple(int(p) for p in ghost_period), tuple(int(a) for a in ghost_axes)
@@ -683,7 +687,10 @@ class BatchScannerAugmentation:
             images[chosen] = self.smooth(images[chosen], sigmas)
         for i in self._chosen(images, self.low_resolution_prob).tolist():
             zoom = float(torch.empty(1).uniform_(*self.zoom))
-            images[i : i + 1] = self.low_resolution(images[i : i + 1], zoom, self.downsample_mode)
+            mode = self.downsample_mode
+            if not isinstance(mode, str):  # drawn only for a list, so one mode's draws stay as they were
+                mode = mode[int(torch.randint(len(mode), (1,)))]
+            images[i : i + 1] = self.low_resolution(images[i : i + 1], zoom, mode)
         chosen = self._chosen(images, self.affine_prob)
         if len(chosen):
             images[chosen] = self.affine(images[chosen], self.affine_matrices(len(chosen)).to(images.device))

@@ -60,6 +60,28 @@ def test_area_downsampling_averages_what_a_coarse_voxel_covers_and_refuses_an_un
         BatchScannerAugmentation(downsample_mode="bicubic")
 
 
+def test_a_list_of_downsample_modes_draws_one_per_simulated_scan():
+    only_low_resolution = {"bias_prob": 0.0, "contrast_prob": 0.0, "gibbs_prob": 0.0, "rician_prob": 0.0, "smooth_prob": 0.0,
+                           "affine_prob": 0.0, "low_resolution_prob": 1.0, "zoom": [0.7, 0.7]}  # (at 0.5 trilinear is area)
+    images = _volumes(1).repeat(12, 1, 1, 1, 1)
+    mixed = BatchScannerAugmentation.from_settings({**only_low_resolution, "downsample_mode": ["area", "trilinear"]})
+    torch.manual_seed(0)
+    out = mixed(images)
+    by_mode = {mode: BatchScannerAugmentation.low_resolution(images[:1], 0.7, mode)[0] for mode in ("area", "trilinear")}
+    drawn = [next(m for m, expected in by_mode.items() if torch.allclose(out[i], expected)) for i in range(len(out))]
+    assert set(drawn) == {"area", "trilinear"}  # each scan one of the two, both drawn
+    # one mode in a list is that mode, with the draws of the string (nothing more drawn)
+    single = BatchScannerAugmentation.from_settings({**only_low_resolution, "downsample_mode": ["area"]})
+    assert single.downsample_mode == "area"
+    torch.manual_seed(0)
+    first = single(images)
+    torch.manual_seed(0)
+    torch.testing.assert_close(first, BatchScannerAugmentation.from_settings({**only_low_resolution, "downsample_mode": "area"})(images))
+    for bad in ([], ["area", "bicubic"]):
+        with pytest.raises(ConfigError, match="or a list of them"):
+            BatchScannerAugmentation(downsample_mode=bad)
+
+
 def test_affine_is_monais():
     images, augmentation = _volumes(), BatchScannerAugmentation()
     torch.manual_seed(1)
