@@ -261,13 +261,16 @@ def test_multisite_config_merges_its_ranges_into_the_robust_presets():
     assert scanner.gamma == defaults.gamma and scanner.zoom == defaults.zoom  # merged ("+"), the others kept
 
 
-@pytest.mark.parametrize("recipe, mode", [
-    ((), "area"),  # the default, chosen on the grids of five CV models' validation parts (docs/experiments.md)
-    (("multisite.json",), "nearest"),  # the recipes whose figures were made with MONAI's nearest keep it
-    (("multimodal.json",), "nearest"),
-    (("paper.json",), None),  # augmentation paper: no scanner artifacts, the paper's noise and shift only
+@pytest.mark.parametrize("recipe, mode, probability", [
+    # the default, chosen on the grids of five CV models' validation parts (docs/experiments.md)
+    ((), ("area", "trilinear"), 0.3),
+    # the recipes whose figures were made with 0.2 (and MONAI's nearest) keep them
+    (("multisite.json",), "nearest", 0.2),
+    (("multimodal.json",), "nearest", 0.2),
+    (("baselines/resnet18.json",), "area", 0.2),
+    (("paper.json",), None, None),  # augmentation paper: no scanner artifacts, the paper's noise and shift only
 ])
-def test_each_recipe_simulates_a_coarser_grid_its_way(recipe, mode):
+def test_each_recipe_simulates_a_coarser_grid_its_way(recipe, mode, probability):
     from conftest import BUNDLE_CONFIGS, TRAIN_CONFIG
     from monai.bundle import ConfigParser
 
@@ -276,3 +279,4 @@ def test_each_recipe_simulates_a_coarser_grid_its_way(recipe, mode):
     parser["preprocessing_settings"] = "$monai_mtl.transforms.Preprocessing()"  # a stand-in: the real one reads the cohort
     scanner = parser.get_parsed_content("train#batch_augmentation").scanner
     assert (scanner.downsample_mode if scanner else None) == mode
+    assert (scanner.low_resolution_prob if scanner else None) == probability
