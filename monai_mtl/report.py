@@ -199,14 +199,14 @@ MULTIMODAL_REFERENCE = CvComparison(
 #: (the 30-epoch and FiLM variants were measured with an earlier recipe: docs/experiments.md, not in this table)
 MULTIMODAL_COMPARISONS = (
     # the imaging-only model trained as the fused one is: the default's schedule, task weighting, final batch-norm
-    # statistics, final epoch and moves at prediction, the fused recipe's 60 epochs and nearest down-sampling
-    # (multimodal.json sets both), so that the covariates are the one difference left (at the default's 30 epochs its
+    # statistics, final epoch and moves at prediction, the fused recipe's 60 epochs and nearest down-sampling at 0.2
+    # (multimodal.json sets them), so that the covariates are the one difference left (at the default's 30 epochs its
     # severity was 0.26 worse: docs/experiments.md); and the L1 severity with one task block each, which the fused
     # recipe pins since train.json moved to the bins with task blocks (session 29)
     CvComparison("imaging only (`train.json` with the fused model's 60 epochs, `nearest` down-sampling, L1 severity)",
                  "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only "
-                      "--override scanner_augmentation#downsample_mode=nearest max_epochs=60 severity_loss=l1 severity_bins=0 "
+                      "--override scanner_augmentation#downsample_mode=nearest scanner_augmentation#low_resolution_prob=0.2 max_epochs=60 severity_loss=l1 severity_bins=0 "
                       "severity_bin_sigma=2.0 network_def#task_blocks=1`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
                  make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),
