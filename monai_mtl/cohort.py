@@ -238,13 +238,16 @@ def ensure_cohort(
 
     ``shape`` / ``spacing``: the grid to render it on (default: the paper's 64 x 64 x 16 at 2.5 x 3 x 8 mm;
     ``highres.json`` renders the same anatomy at 1.5 mm). ``num_samples`` (default 1500) and ``covariates``
-    (``generate --covariates``: the multimodal cohort of ``multimodal.json``) as in ``generate``. Any other
-    folder without ``labels.csv`` is an error: real cohorts are never invented.
+    (``generate --covariates``: the multimodal cohort of ``multimodal.json``) as in ``generate``; a cohort already in
+    ``synthetic_dir`` made otherwise than these ask is refused. Any other folder without ``labels.csv`` is an
+    error: real cohorts are never invented.
     """
     from monai_mtl.bids import is_bids_root
 
     dataset_dir = Path(dataset_dir)
     if (dataset_dir / "labels.csv").is_file() or is_bids_root(dataset_dir):
+        if synthetic_dir is not None and dataset_dir.absolute() == Path(synthetic_dir).absolute():
+            _check_made_as_asked(dataset_dir, shape, spacing, num_samples, covariates)
         if covariates:
             _warn_if_made_without_ageing(dataset_dir)
         return dataset_dir
@@ -260,6 +263,38 @@ def ensure_cohort(
         return dataset_dir
     raise CohortError(f"{dataset_dir}: no labels.csv and not a BIDS dataset (no dataset_description.json); "
                       "see README 'Bring your own scans'")
+
+
+def _check_made_as_asked(dataset_dir: Path, shape, spacing, num_samples, covariates: bool) -> None:
+    """Refuse a generated cohort in ``synthetic_dir`` made otherwise than the config asks (grid, size, covariates).
+
+    Only what the config sets is compared (``None``: whatever is there). Without this a training asked for
+    ``highres.json``'s grid, or 300 subjects, would train on whatever an earlier command left in the folder.
+    """
+    try:
+        recorded = json.loads((dataset_dir / "cohort.json").read_text())
+    except (OSError, ValueError):
+        return  # not a cohort of our generator: nothing recorded to compare
+    if recorded.get("generator") != "monai_mtl.synthetic":
+        return
+    made = recorded.get("parameters", {})
+    asked, found = [], []
+    if shape is not None and list(map(int, shape)) != list(made.get("shape", [])):
+        asked.append(f"synthetic_shape {list(map(int, shape))}")
+        found.append(f"shape {made.get('shape')}")
+    if spacing is not None and not np.allclose(np.asarray(spacing, float), np.asarray(made.get("spacing_mm", [np.nan] * 3), float)):
+        asked.append(f"synthetic_spacing {[float(v) for v in spacing]}")
+        found.append(f"spacing_mm {made.get('spacing_mm')}")
+    if num_samples is not None and int(num_samples) != made.get("num_samples"):
+        asked.append(f"synthetic_num_samples {int(num_samples)}")
+        found.append(f"num_samples {made.get('num_samples')}")
+    if covariates and "covariates" not in recorded:
+        asked.append("synthetic_covariates true")
+        found.append("no clinical covariates")
+    if asked:
+        raise CohortError(f"{dataset_dir}/cohort.json: this synthetic cohort was made with {', '.join(found)}, but the config "
+                          f"asks for {', '.join(asked)}; make it again (python -m monai_mtl generate --output {dataset_dir} "
+                          "... --overwrite) or set synthetic_dir to another folder")
 
 
 def _warn_if_made_without_ageing(dataset_dir: Path) -> None:

@@ -142,3 +142,23 @@ def test_unwritable_output_is_refused(tmp_path, capsys):
         main(["generate", "--output", str(blocker / "cohort"), "--num-samples", "3", "--no-progress"])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_cohort_in_synthetic_dir_made_otherwise_than_asked_is_refused(tiny_cohort):
+    from monai_mtl.cohort import ensure_cohort
+    from monai_mtl.errors import CohortError
+
+    made = json.loads((tiny_cohort / "cohort.json").read_text())["parameters"]
+    # what the config leaves unset (None) or asks as it was made: the cohort is used as it is
+    assert ensure_cohort(tiny_cohort, tiny_cohort) == tiny_cohort
+    assert ensure_cohort(tiny_cohort, tiny_cohort, made["shape"], made["spacing_mm"], made["num_samples"]) == tiny_cohort
+    for asked, message in [
+        ({"shape": (107, 128, 85)}, f"made with shape {made['shape']}, but the config asks for synthetic_shape [107, 128, 85]"),
+        ({"spacing": (1.5, 1.5, 1.5)}, "asks for synthetic_spacing [1.5, 1.5, 1.5]"),
+        ({"num_samples": 300}, f"num_samples {made['num_samples']}, but the config asks for synthetic_num_samples 300"),
+        ({"covariates": True}, "made with no clinical covariates, but the config asks for synthetic_covariates true"),
+    ]:
+        with pytest.raises(CohortError, match=f"cohort.json: this synthetic cohort was .*{message}".replace("[", r"\[")):
+            ensure_cohort(tiny_cohort, tiny_cohort, **asked)
+    # another folder (a user's cohort given as dataset_dir) is not the generated one: nothing compared
+    assert ensure_cohort(tiny_cohort, tiny_cohort.parent / "elsewhere", num_samples=300) == tiny_cohort
