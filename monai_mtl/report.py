@@ -206,8 +206,8 @@ MULTIMODAL_COMPARISONS = (
     CvComparison("imaging only (`train.json` with the fused model's 60 epochs, `nearest` down-sampling, L1 severity)",
                  "runs/cv_multimodal_imaging_only", ("bundle/configs/train.json",),
                  make="`python -m monai_mtl cv --folds 5 --dataset-dir data/multimodal --output-dir runs/cv_multimodal_imaging_only "
-                      "--override scanner_augmentation#downsample_mode=nearest scanner_augmentation#low_resolution_prob=0.2 max_epochs=60 severity_loss=l1 severity_bins=0 "
-                      "severity_bin_sigma=2.0 network_def#task_blocks=1`"),
+                      "--override scanner_augmentation#downsample_mode=nearest scanner_augmentation#low_resolution_prob=0.2 "
+                      "max_epochs=60 severity_loss=l1 severity_bins=0 severity_bin_sigma=2.0 network_def#task_blocks=1`"),
     CvComparison("imaging only, scikit-learn on atlas regions", "runs/cv_multimodal_classical", (),
                  make="`python -m monai_mtl baseline --kind classical --dataset-dir data/multimodal --split runs/cv_multimodal`"),
     CvComparison("covariates only (scikit-learn, no imaging)", "runs/cv_multimodal_covariates_only", (),
