@@ -7,6 +7,8 @@ its folder while it lives. A training run stores the settings that define it in
 first and last bytes). Resuming with other settings, another cohort, or a folder of an older
 version is refused, naming each difference and the way out (``--resume False``). A setting added to the
 configs later (:data:`ADDED_SETTINGS`) is read, in a run stored before it, as the value that run used.
+Beside them, ``environment.json`` records the machine each sitting of the run trained on (:func:`record_environment`):
+what its wall time and, through the CPU's kernels, the last digits of its figures depend on.
 
 MONAI gives the expressions of a bundle config no handle on the parser that evaluates them, so
 :func:`current_bundle` finds the running ``ConfigWorkflow`` (and, when started through
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".monai_mtl.lock"
 SETTINGS_FILE = "run_settings.json"
+#: the machine(s) a run trained on, one entry per sitting that ran elsewhere than the one before (never compared)
+ENVIRONMENT_FILE = "environment.json"
 #: a finished run's test and evaluation results (the ``evaluating`` workflow's figures too): stale once the run trains on
 FINISHED_OUTPUTS = (
     "test_metrics.json", "test_predictions.csv", "metrics.json", "predictions.csv", "confusion_matrix.png",
@@ -45,7 +49,7 @@ FINISHED_OUTPUTS = (
     "covariate_attributions.csv", "covariate_importance.png",
 )
 #: what a training run writes into its folder; ``--resume False`` removes exactly these (nothing else)
-RUN_OUTPUTS = ("model.pt", "training_state.pt", "split.json", SETTINGS_FILE, "tensorboard", *FINISHED_OUTPUTS)
+RUN_OUTPUTS = ("model.pt", "training_state.pt", "split.json", SETTINGS_FILE, ENVIRONMENT_FILE, "tensorboard", *FINISHED_OUTPUTS)
 #: config keys that say where and how fast a run works, not what it learns: they may change on resume
 LOGISTICS = frozenset({
     "bundle_root", "dataset_dir", "synthetic_dir", "synthetic_shape", "synthetic_spacing", "synthetic_num_samples", "synthetic_covariates", "output_dir", "ckpt_path", "device", "num_workers", "cache_workers", "cache", "cache_dir",
@@ -376,6 +380,80 @@ def start_training_run(output_dir: str | os.PathLike, resume: bool = True) -> No
         fresh_start(output_dir)
 
 
+# --- the machine a run trained on ------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``; ``platform.processor()`` elsewhere, often only the architecture)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: Any = None) -> dict[str, Any]:
+    """What a training's speed and last digits depend on: the CPU and the instruction set torch's kernels use on it
+    (``AVX2``, ``AVX512``: oneDNN picks other convolution kernels, so the same seed trains to slightly other
+    weights), the cores and threads, the GPU where ``device`` is one, the process count under DDP, and the versions."""
+    import platform
+
+    import monai
+    import torch
+
+    machine: dict[str, Any] = {
+        "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "architecture": platform.machine(), "system": platform.system(),
+        "python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+    }
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        machine["processes"] = dist.get_world_size()
+    return machine
+
+
+def machine_label(machine: Mapping[str, Any]) -> str:
+    """``2 CPU cores (AMD EPYC, AVX2), torch 2.13.0+cpu, Python 3.11.7`` (and the GPU and processes where there were)."""
+    text = f"{machine.get('cpu_cores', '?')} CPU cores ({machine.get('cpu', '?')}, {machine.get('cpu_capability', '?')})"
+    if machine.get("gpu"):
+        text += f", GPU {machine['gpu']}"
+    if machine.get("processes", 1) > 1:
+        text += f", {machine['processes']} processes"
+    return f"{text}, torch {machine.get('torch', '?')}, Python {machine.get('python', '?')}"
+
+
+def record_environment(output_dir: str | os.PathLike, device: Any = None) -> dict[str, Any]:
+    """Add this sitting's machine to the run folder's ``environment.json``, where it differs from the last sitting's.
+
+    A run resumed on another machine lists both, in order; one resumed where it started lists one. The file is
+    never compared on resume (a run may move between machines); ``results`` reads it for the machine of each row.
+    """
+    path = Path(output_dir) / ENVIRONMENT_FILE
+    machine = describe_machine(device)
+    sittings = json.loads(path.read_text()).get("sittings", []) if path.is_file() else []
+    if not sittings or {k: v for k, v in sittings[-1].items() if k != "started"} != machine:
+        sittings.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **machine})
+        atomic_write_json(path, {"sittings": sittings})
+    logger.info("%s: training on %s", output_dir, machine_label(machine))
+    return machine
+
+
+def run_machines(run_dir: str | os.PathLike) -> list[str] | None:
+    """The labels of the machines ``run_dir`` trained on, in order (``None``: a run made before they were recorded)."""
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    if not path.is_file():
+        return None
+    labels = [machine_label(sitting) for sitting in json.loads(path.read_text()).get("sittings", [])]
+    return list(dict.fromkeys(labels)) or None
+
+
 def _stored_settings(run_dir: str | os.PathLike) -> dict:
     """A run folder's ``run_settings.json`` (``{}`` without one: a run of an older version, or no training run)."""
     settings_file = Path(run_dir) / SETTINGS_FILE
@@ -539,7 +617,7 @@ def _as_cli_value(value: object) -> object:
 
 
 __all__ = [
-    "LOCK_FILE", "SETTINGS_FILE", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "FORMER_GROUPS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
+    "LOCK_FILE", "SETTINGS_FILE", "ENVIRONMENT_FILE", "describe_machine", "machine_label", "record_environment", "run_machines", "FINISHED_OUTPUTS", "RUN_OUTPUTS", "LOGISTICS", "ADDED_SETTINGS", "FORMER_SETTINGS", "FORMER_GROUPS", "current_bundle", "flatten", "check_overrides", "record_calibration_settings", "RunLock",
     "lock_run_folder", "release_run_folder", "cohort_fingerprint", "defining_settings", "differences", "fresh_start",
     "start_training_run", "check_run_settings", "requested_settings", "requested_config", "run_setting", "COHORT_READING", "cohort_reading", "read_run_cohort",
 ]

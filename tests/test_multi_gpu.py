@@ -56,10 +56,13 @@ def test_torchrun_two_processes_on_cpu(train_cohort, tmp_path):
 
     # one process wrote the checkpoint, the split, the test results and one event file
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.pt", "run_settings.json", "split.json", "tensorboard", "test_metrics.json", "test_predictions.csv",
-        "training_state.pt",
+        "environment.json", "model.pt", "run_settings.json", "split.json", "tensorboard", "test_metrics.json",
+        "test_predictions.csv", "training_state.pt",
     ]  # and no lock left behind
     assert len(list((out / "tensorboard").iterdir())) == 1
+    # the machine as one sitting of two processes
+    sittings = json.loads((out / "environment.json").read_text())["sittings"]
+    assert len(sittings) == 1 and sittings[0]["processes"] == 2
 
     from monai_mtl.evaluation import read_scalars
 

@@ -56,6 +56,12 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     assert f"{100 * ours['accuracy']:.1f}%" in rows[3] and f"{ours['severity_mae']:.2f}" in rows[3]
     assert "99.5% ± 0.5" in rows[3] and "3.50 ± 0.25" in rows[3] and "2 (model 2)" in rows[3]  # the epoch model.pt holds: the last
     assert "87.5%" in rows[4] and "— (not trained)" in rows[4]
+    # the header names the machine each trained run was made on (a CV: its folds'; this one's fold stored none)
+    from monai_mtl.run_folder import run_machines
+
+    assert f"`runs/train`: {run_machines(runs / 'train')[0]}" in table
+    assert "`runs/cv`: not recorded (trained before bundle 0.10.1)" in table
+    assert "runs/baselines" not in table.split("\n\n")[0]  # no network trained there: no machine to name
     assert "— (true class given)" in rows[5] and "8.51" in rows[5]
     assert len(rows) == 6  # rows without outputs (ResNet-18, ...) are left out, not invented
     text = readme.read_text()

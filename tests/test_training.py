@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +75,30 @@ def test_training_run_writes_checkpoint_split_metrics_and_events(trained_run, tr
     }
     assert expected <= scalars, expected - scalars
     assert "val_input_axial_slice" in images
+
+    # the machine it trained on, for its wall time and its last digits (one sitting: it was not resumed elsewhere)
+    from monai_mtl.run_folder import describe_machine, run_machines
+
+    sittings = json.loads((trained_run / "environment.json").read_text())["sittings"]
+    assert len(sittings) == 1 and sittings[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {k: v for k, v in sittings[0].items() if k != "started"} == describe_machine()
+    assert run_machines(trained_run) == [f"{os.cpu_count()} CPU cores ({sittings[0]['cpu']}, "
+                                         f"{sittings[0]['cpu_capability']}), torch {torch.__version__}, "
+                                         f"Python {platform.python_version()}"]
+
+
+def test_a_run_resumed_on_another_machine_lists_both_and_one_resumed_where_it_began_one(tmp_path, monkeypatch):
+    from monai_mtl import run_folder
+
+    run_folder.record_environment(tmp_path)
+    run_folder.record_environment(tmp_path)  # the same machine again: nothing added
+    assert len(json.loads((tmp_path / "environment.json").read_text())["sittings"]) == 1
+    here = run_folder.describe_machine()
+    monkeypatch.setattr(run_folder, "describe_machine", lambda device=None: {**here, "cpu_capability": "AVX512", "cpu_cores": 8})
+    run_folder.record_environment(tmp_path)
+    first, second = run_machines = run_folder.run_machines(tmp_path)
+    assert len(run_machines) == 2 and "(AVX512)" not in first and second.startswith("8 CPU cores (") and "AVX512)" in second
+    assert run_folder.run_machines(tmp_path / "elsewhere") is None  # a run made before machines were recorded
 
 
 def test_check_properties_is_empty(train_cohort, tmp_path):
