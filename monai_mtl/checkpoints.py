@@ -245,6 +245,33 @@ class BestModelSaver:
                         name, metric, self.path, engine.state.best_metric, engine.state.best_metric_epoch)
 
 
+def check_validation_interval(val_interval: Any, max_epochs: int, selection: str) -> None:
+    """Refuse a ``val_interval`` that is not a whole number >= 1, and, under ``checkpoint_selection`` ``last``, one
+    that does not divide ``max_epochs``.
+
+    The checkpoint is written after a validation (:class:`BestModelSaver`), and precise BN re-estimates the statistics
+    before one, both every ``val_interval`` epochs: with 40 epochs validated every 3, ``model.pt`` would hold epoch
+    39's weights while the log shows 40 epochs trained, the last one's work lost without a word.
+
+    Raises:
+        ConfigError: ``val_interval 3 does not divide max_epochs 40: ...``.
+    """
+    if isinstance(val_interval, bool) or not isinstance(val_interval, (int, float)) or val_interval < 1 \
+            or int(val_interval) != val_interval:
+        raise ConfigError(f"val_interval must be a whole number of epochs >= 1, got {val_interval!r}")
+    val_interval = int(val_interval)
+    if selection == "last" and int(max_epochs) % val_interval:
+        last = int(max_epochs) // val_interval * val_interval
+        raise ConfigError(
+            f"val_interval {val_interval} does not divide max_epochs {max_epochs}: with checkpoint_selection 'last' "
+            f"model.pt would hold epoch {last}'s weights and the last {int(max_epochs) - last} epoch(s) would train for "
+            f"nothing; choose a val_interval that divides max_epochs (e.g. {_largest_divisor(int(max_epochs), val_interval)})")
+
+
+def _largest_divisor(number: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if number % d == 0)
+
+
 def _random_transforms(dataset: Any) -> list[Randomizable]:
     """Every randomizable object of a MONAI dataset's transform chain, in a fixed order.
 
@@ -426,5 +453,5 @@ class TrainingStateCheckpoint:
 
 __all__ = [
     "LeakageError", "CheckpointError", "load_state_dict_file", "checkpoint_settings", "atomic_torch_save", "split_ids", "with_run_metadata", "read_run_metadata", "read_checkpoint_split", "check_no_leakage",
-    "BestModelSaver", "TrainingStateCheckpoint",
+    "BestModelSaver", "TrainingStateCheckpoint", "check_validation_interval",
 ]

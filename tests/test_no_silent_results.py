@@ -106,6 +106,24 @@ def test_a_batch_larger_than_the_training_part_is_refused(train_cohort, tmp_path
     assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "test_metrics.json").exists()
 
 
+def test_a_validation_interval_that_leaves_the_last_epochs_unsaved_is_refused(train_cohort, tmp_path):
+    from monai_mtl.checkpoints import check_validation_interval
+
+    # 3 epochs validated every 2: model.pt ("last") would hold epoch 2 while epoch 3 trained for nothing
+    message = _refused(ConfigError, _train, train_cohort, tmp_path / "run", max_epochs=3, val_interval=2)
+    assert message == ("val_interval 2 does not divide max_epochs 3: with checkpoint_selection 'last' model.pt would hold "
+                       "epoch 2's weights and the last 1 epoch(s) would train for nothing; choose a val_interval that "
+                       "divides max_epochs (e.g. 1)")
+    assert not (tmp_path / "run" / "model.pt").exists()
+    check_validation_interval(5, 40, "last")  # a divisor: every fifth epoch validated, the 40th among them
+    check_validation_interval(3, 40, "best")  # the best of the validated epochs: the unvalidated ones are no candidates
+    with pytest.raises(ConfigError, match="e.g. 5"):
+        check_validation_interval(6, 40, "last")
+    for wrong in (0, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="val_interval must be a whole number of epochs >= 1"):
+            check_validation_interval(wrong, 40, "best")
+
+
 @pytest.mark.slow
 def test_fresh_start_removes_old_events_and_outputs(run_copy, train_cohort):
     from monai_mtl.evaluation import read_scalars
