@@ -368,6 +368,9 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
+NOT_RECORDED = "not recorded (trained before bundle 0.10.1)"
+
+
 def _machines_sentence(root: Path, run_dirs: Sequence[str]) -> str:
     """Which machine trained which of ``run_dirs`` (a CV folder: its folds), from their ``environment.json``."""
     from monai_mtl.run_folder import run_machines
@@ -376,12 +379,10 @@ def _machines_sentence(root: Path, run_dirs: Sequence[str]) -> str:
     for run_dir in run_dirs:
         folder = root / run_dir
         folds = sorted(folder.glob("fold_*")) if (folder / "cv_summary.json").is_file() else []
-        trained = [run_machines(f) for f in folds] if folds else [run_machines(folder)]
-        if not (folder / "tensorboard").is_dir() and not folds:
-            continue  # not a trained network (the classical and class-median baselines): no machine to name
-        labels = sorted({label for machines in trained for label in (machines or ["not recorded (trained before "
-                                                                                    "bundle 0.10.1)"])})
-        for label in labels:
+        # the classical and class-median baselines train no network: no machine to name
+        trained = folds or ([folder] if (folder / "tensorboard").is_dir() else [])
+        labels = {label for run in trained for label in (run_machines(run) or [NOT_RECORDED])}
+        for label in sorted(labels):
             by_machine.setdefault(label, []).append(f"`{run_dir}`")
     if not by_machine:
         return ""

@@ -403,6 +403,7 @@ def describe_machine(device: Any = None) -> dict[str, Any]:
 
     import monai
     import torch
+    import torch.distributed as dist
 
     machine: dict[str, Any] = {
         "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_cores": os.cpu_count(),
@@ -412,8 +413,6 @@ def describe_machine(device: Any = None) -> dict[str, Any]:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name(device)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         machine["processes"] = dist.get_world_size()
     return machine

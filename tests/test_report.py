@@ -60,7 +60,7 @@ def test_results_table_from_run_outputs_and_readme_block(trained_run, tmp_path):
     from monai_mtl.run_folder import run_machines
 
     assert f"`runs/train`: {run_machines(runs / 'train')[0]}" in table
-    assert "`runs/cv`: not recorded (trained before bundle 0.10.1)" in table
+    assert "`runs/cv`: not recorded (trained before bundle 0.10.1)" in table  # a CV: its folds' machines
     assert "runs/baselines" not in table.split("\n\n")[0]  # no network trained there: no machine to name
     assert "— (true class given)" in rows[5] and "8.51" in rows[5]
     assert len(rows) == 6  # rows without outputs (ResNet-18, ...) are left out, not invented

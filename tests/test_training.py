@@ -94,10 +94,11 @@ def test_a_run_resumed_on_another_machine_lists_both_and_one_resumed_where_it_be
     run_folder.record_environment(tmp_path)  # the same machine again: nothing added
     assert len(json.loads((tmp_path / "environment.json").read_text())["sittings"]) == 1
     here = run_folder.describe_machine()
-    monkeypatch.setattr(run_folder, "describe_machine", lambda device=None: {**here, "cpu_capability": "AVX512", "cpu_cores": 8})
+    elsewhere = {**here, "cpu": "another CPU", "cpu_capability": "ANOTHER_ISA", "cpu_cores": 96}
+    monkeypatch.setattr(run_folder, "describe_machine", lambda device=None: elsewhere)
     run_folder.record_environment(tmp_path)
-    first, second = run_machines = run_folder.run_machines(tmp_path)
-    assert len(run_machines) == 2 and "(AVX512)" not in first and second.startswith("8 CPU cores (") and "AVX512)" in second
+    assert run_folder.run_machines(tmp_path) == [run_folder.machine_label(here), run_folder.machine_label(elsewhere)]
+    assert run_folder.machine_label(elsewhere).startswith("96 CPU cores (another CPU, ANOTHER_ISA), torch ")
     assert run_folder.run_machines(tmp_path / "elsewhere") is None  # a run made before machines were recorded
 
 
