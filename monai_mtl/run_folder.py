@@ -398,7 +398,11 @@ def _cpu_model() -> str:
 def describe_machine(device: Any = None) -> dict[str, Any]:
     """What a training's speed and last digits depend on: the CPU and the instruction set torch's kernels use on it
     (``AVX2``, ``AVX512``: oneDNN picks other convolution kernels, so the same seed trains to slightly other
-    weights), the cores and threads, the GPU where ``device`` is one, the process count under DDP, and the versions."""
+    weights), the cores and threads, the GPU where ``device`` is one, the process count under DDP, and the versions.
+
+    Not MONAI's ``monai.config.deviceconfig.get_system_info()``: it has no CPU model where ``platform.processor()`` is
+    empty (as on Linux), not the instruction set, and with psutil it adds readings that change by the second (CPU
+    usage, free memory, open files), so two sittings on one machine would never compare equal."""
     import platform
 
     import monai
