@@ -62,6 +62,17 @@ class TextbookCNN:
 
 
 def _train_throughput(net, channels_last: bool, steps: int, batch_size: int = 16, shape=(64, 64, 16)) -> float:
+    step = _training_step(net, channels_last, batch_size, shape)
+    for _ in range(2):  # warm-up
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _training_step(net, channels_last: bool, batch_size: int = 16, shape=(64, 64, 16)) -> Callable[[], None]:
+    """One training step (forward, loss, backward, Adam) of ``net`` on a fixed random batch, as a function."""
     import torch
 
     from monai_mtl import SEVERITY_SCALE
@@ -83,12 +94,7 @@ def _train_throughput(net, channels_last: bool, steps: int, batch_size: int = 16
         loss_fn(out, target).backward()
         optimizer.step()
 
-    for _ in range(2):  # warm-up
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch_size / (time.perf_counter() - start)
+    return step
 
 
 def _bundle_network(config: str):
@@ -134,6 +140,89 @@ def bench_encoders(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     for label, kwargs in ENCODER_VARIANTS:
         rate = _train_throughput(DualPathNet(dropout=0.1, **kwargs), channels_last=True, steps=args.train_steps)
         rows.append((f"train step, DualPathNet {label}", f"{1275 / rate:.0f} s/epoch", f"{rate:.1f} vol/s"))
+    return rows
+
+
+#: oneDNN's names of a convolution's passes (``ONEDNN_VERBOSE`` ``prop_kind``)
+KERNEL_PASSES = {"forward_training": "forward", "backward_data": "backward, input gradient",
+                 "backward_weights": "backward, weight gradient"}
+
+
+def _convolution_label(problem: str) -> str:
+    """oneDNN's problem descriptor (``mb16_ic16oc32_id32od16kd3sd2dd0pd1_ih32oh16...``) as ``conv 16->32, 3x3x3 stride
+    2x2x2, 32x32x8 -> 16x16x4``."""
+    import re
+
+    f = dict(re.findall(r"([a-z]+)(\d+)", problem))
+    axes = [a for a in "dhw" if f"i{a}" in f]
+
+    def size(key: str) -> str:
+        return "x".join(f.get(key.format(a), "1") for a in axes)
+
+    return (f"conv {f.get('ic')}->{f.get('oc')}, {size('k{}')} stride {size('s{}')}, "
+            f"{size('i{}')} -> {size('o{}')}")
+
+
+@bench("kernels")
+def bench_kernels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Where the default network's training step spends its convolution time, by oneDNN's own timing of each kernel it
+    ran (its verbose mode), and the implementation it picked for this CPU's instruction set. On an AVX2 CPU it had no
+    direct kernel for any weight gradient and fell back to im2col + GEMM (``gemm:jit``): a third of the step there
+    (benchmarks/README.md, "Where a training step goes on a slower CPU")."""
+    import collections
+    import ctypes
+    import sys
+
+    import torch
+
+    network, _ = _bundle_network("train.json")
+    step = _training_step(network, channels_last=True)
+    for _ in range(2):  # warm-up: oneDNN creates its primitives (and prints nothing timed) here
+        step()
+    steps = max(2, args.train_steps // 4)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)  # oneDNN prints from C to the process's stdout, not to sys.stdout
+        try:
+            start = time.perf_counter()
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(steps):
+                    step()
+            seconds = (time.perf_counter() - start) / steps
+            ctypes.CDLL(None).fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = log.read().splitlines()
+    isa = next((line.split(",")[-1] for line in lines if ",info,cpu,isa:" in line), "isa: unknown")
+    kernels: dict[tuple[str, str, str], float] = collections.defaultdict(float)
+    calls: dict[tuple[str, str, str], int] = collections.Counter()
+    for line in lines:
+        fields = line.split(",")
+        if len(fields) < 8 or fields[2:4] != ["primitive", "exec"]:
+            continue
+        kind, implementation, prop = fields[5], fields[6], fields[7]
+        what = (_convolution_label(fields[-2]) + f": {KERNEL_PASSES.get(prop, prop)}" if kind == "convolution"
+                else f"{kind}s (memory layout conversions)" if kind == "reorder" else kind)
+        key = (what, implementation if kind == "convolution" else "", kind)
+        kernels[key] += float(fields[-1]) / steps
+        calls[key] += 1
+    total = sum(kernels.values())
+    gemm = sum(ms for (_, implementation, _), ms in kernels.items() if "gemm" in implementation)
+    rows = [(f"kernels: training step of the default network (oneDNN {isa}, timing on)", f"{1000 * seconds:.0f} ms",
+             ""),
+            ("-> in oneDNN's kernels (convolutions and layout conversions)", f"{total:.0f} ms",
+             f"{total / (10 * seconds):.0f}% of the step"),
+            ("-> in im2col + GEMM fallbacks (`gemm` kernels)", f"{gemm:.0f} ms", f"{gemm / (10 * seconds):.0f}% of the step")]
+    for key, ms in sorted(kernels.items(), key=lambda item: -item[1]):
+        if ms >= 0.01 * 1000 * seconds:  # the kernels that take 1% of the step or more
+            what, implementation, kind = key
+            per_step = calls[key] / steps
+            times = f"{per_step:.0f} x " if kind == "convolution" and per_step > 1 else ""  # a layer in each task path
+            label = f"   {times}{what}" + (f" [{implementation}]" if implementation else "")
+            rows.append((label, f"{ms:.1f} ms", f"{ms / (10 * seconds):.0f}% of the step"))
     return rows
 
 
