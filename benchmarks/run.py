@@ -143,6 +143,68 @@ def bench_encoders(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return rows
 
 
+#: a child of ``threads``: the default network's training step timed between two lines from the parent, so that
+#: the children of one measurement run their timed steps at the same time (their warm-ups may take unequal times)
+_THREADS_CHILD = """
+import sys, time
+sys.path.insert(0, {benchmarks!r})
+from run import _bundle_network, _training_step
+step = _training_step(_bundle_network("train.json")[0], channels_last=True)
+for _ in range(2):
+    step()
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.perf_counter()
+for _ in range({steps}):
+    step()
+print(time.perf_counter() - start, flush=True)
+"""
+
+
+def _side_by_side_steps(processes: int, threads: int, steps: int) -> list[float]:
+    """Seconds of ``steps`` training steps in each of ``processes`` children of ``threads`` intra-op threads each
+    (the environment ``cv --jobs`` gives its children: :func:`monai_mtl.runs.threads_per_run`), all timed together."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    code = _THREADS_CHILD.format(benchmarks=str(Path(__file__).resolve().parent), steps=steps)
+    children = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                 text=True) for _ in range(processes)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a benchmark child failed before its timed steps (exit status {child.wait()})")
+        for child in children:  # all warmed up: start the timed steps together
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        return [float(child.stdout.readline()) for child in children]
+    finally:
+        for child in children:
+            child.wait()
+
+
+@bench("threads")
+def bench_threads(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """The default network's training step with every core in one process, against one process per core of one thread
+    each, side by side: the throughput ``cv --jobs N`` (N runs of ``cores // N`` threads) gains or loses on this CPU."""
+    from monai_mtl.runs import threads_per_run
+
+    cores = os.cpu_count() or 1
+    steps = max(2, args.train_steps)
+    batch = 16  # _training_step's
+    alone = _side_by_side_steps(1, threads_per_run(1), steps)[0]
+    rows = [(f"train step, 1 process of {threads_per_run(1)} threads (cv --jobs 1)", f"{1000 * alone / steps:.0f} ms",
+             f"{steps * batch / alone:.1f} vol/s")]
+    if cores > 1:
+        together = _side_by_side_steps(cores, threads_per_run(cores), steps)
+        rate = cores * steps * batch / max(together)
+        rows += [(f"train step, {cores} processes of {threads_per_run(cores)} thread(s) side by side (cv --jobs {cores})",
+                  f"{1000 * max(together) / steps:.0f} ms", f"{rate:.1f} vol/s in all"),
+                 (f"-> throughput of --jobs {cores} over --jobs 1", "", f"{rate / (steps * batch / alone):.2f}x")]
+    return rows
+
+
 #: oneDNN's names of a convolution's passes (``ONEDNN_VERBOSE`` ``prop_kind``)
 KERNEL_PASSES = {"forward_training": "forward", "backward_data": "backward, input gradient",
                  "backward_weights": "backward, weight gradient"}

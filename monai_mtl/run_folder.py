@@ -423,8 +423,15 @@ def describe_machine(device: Any = None) -> dict[str, Any]:
 
 
 def machine_label(machine: Mapping[str, Any]) -> str:
-    """``2 CPU cores (AMD EPYC, AVX2), torch 2.13.0+cpu, Python 3.11.7`` (and the GPU and processes where there were)."""
+    """``2 CPU cores (AMD EPYC, AVX2), torch 2.13.0+cpu, Python 3.11.7`` (and the GPU and processes where there were).
+
+    Fewer torch threads than cores (``cv --jobs 2`` gives each of two runs one) are named too (``, 1 torch thread``):
+    they change the wall time, and the rounding of oneDNN's reductions, as much as another CPU does.
+    """
     text = f"{machine.get('cpu_cores', '?')} CPU cores ({machine.get('cpu', '?')}, {machine.get('cpu_capability', '?')})"
+    threads = machine.get("torch_threads")
+    if threads is not None and threads != machine.get("cpu_cores"):
+        text += f", {threads} torch thread{'s' if threads != 1 else ''}"
     if machine.get("gpu"):
         text += f", GPU {machine['gpu']}"
     if machine.get("processes", 1) > 1:

@@ -37,3 +37,8 @@ def test_the_kernels_benchmark_names_each_convolution_pass_and_its_implementatio
     shares = [float(rate.split("%")[0]) for _, _, rate in rows[1:] if rate]
     assert all(0 <= share <= 100 for share in shares)
     assert "onednn_verbose" not in capfd.readouterr().out  # oneDNN's log went to the benchmark, not to the terminal
+
+
+def test_side_by_side_children_each_time_their_steps(benchmarks):
+    seconds = benchmarks._side_by_side_steps(processes=2, threads=1, steps=1)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -280,3 +280,23 @@ def test_robustness_block_shows_the_ood_flags_and_keeps_them_for_a_run_made_else
     again = robustness_table(tmp_path, previous=block)
     assert again.splitlines()[2:] == lines[2:]  # both of the absent run's columns kept, cell by cell
     assert "the columns of `runs/paper_preset` (absent where this was made) kept" in again.splitlines()[0]
+
+
+def test_a_cvs_training_time_counts_folds_trained_side_by_side_once(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from monai_mtl.report import _cv_cells
+
+    def fold(cv, index, start, end):
+        with SummaryWriter(str(cv / f"fold_{index}" / "tensorboard")) as writer:
+            for step, wall in enumerate((start, end), 1):
+                writer.add_scalar("val_score", 0.5, step, walltime=1e9 + wall)
+
+    for name, second_fold in (("side_by_side", (300, 900)), ("one_after_another", (1000, 1600))):
+        cv = tmp_path / name
+        fold(cv, 0, 0, 600)
+        fold(cv, 1, *second_fold)
+        (cv / "cv_summary.json").write_text(json.dumps({
+            "num_folds": 2, "accuracy": {"mean": 1.0, "std": 0.0}, "severity_mae": {"mean": 2.0, "std": 0.1}}))
+        # cv --jobs 2: 15 min of wall time, not the folds' 20 summed; one after another: the two spans, not the gap
+        assert _cv_cells(cv)[2] == ("15.0 min" if name == "side_by_side" else "20.0 min")

@@ -82,9 +82,10 @@ def test_training_run_writes_checkpoint_split_metrics_and_events(trained_run, tr
     sittings = json.loads((trained_run / "environment.json").read_text())["sittings"]
     assert len(sittings) == 1 and sittings[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert {k: v for k, v in sittings[0].items() if k != "started"} == describe_machine()
-    assert run_machines(trained_run) == [f"{os.cpu_count()} CPU cores ({sittings[0]['cpu']}, "
-                                         f"{sittings[0]['cpu_capability']}), torch {torch.__version__}, "
-                                         f"Python {platform.python_version()}"]
+    threads = "" if torch.get_num_threads() == os.cpu_count() else f", {torch.get_num_threads()} torch thread"
+    assert run_machines(trained_run)[0].startswith(f"{os.cpu_count()} CPU cores ({sittings[0]['cpu']}, "
+                                                   f"{sittings[0]['cpu_capability']}){threads}")
+    assert run_machines(trained_run)[0].endswith(f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def test_a_run_resumed_on_another_machine_lists_both_and_one_resumed_where_it_began_one(tmp_path, monkeypatch):
@@ -94,11 +95,15 @@ def test_a_run_resumed_on_another_machine_lists_both_and_one_resumed_where_it_be
     run_folder.record_environment(tmp_path)  # the same machine again: nothing added
     assert len(json.loads((tmp_path / "environment.json").read_text())["sittings"]) == 1
     here = run_folder.describe_machine()
-    elsewhere = {**here, "cpu": "another CPU", "cpu_capability": "ANOTHER_ISA", "cpu_cores": 96}
+    elsewhere = {**here, "cpu": "another CPU", "cpu_capability": "ANOTHER_ISA", "cpu_cores": 96, "torch_threads": 96}
     monkeypatch.setattr(run_folder, "describe_machine", lambda device=None: elsewhere)
     run_folder.record_environment(tmp_path)
     assert run_folder.run_machines(tmp_path) == [run_folder.machine_label(here), run_folder.machine_label(elsewhere)]
     assert run_folder.machine_label(elsewhere).startswith("96 CPU cores (another CPU, ANOTHER_ISA), torch ")
+    # a run given fewer threads than cores (cv --jobs) says so: its time and last digits are those of that many
+    assert run_folder.machine_label({**elsewhere, "torch_threads": 1}).startswith(
+        "96 CPU cores (another CPU, ANOTHER_ISA), 1 torch thread, torch ")
+    assert ", 48 torch threads, " in run_folder.machine_label({**elsewhere, "torch_threads": 48})
     assert run_folder.run_machines(tmp_path / "elsewhere") is None  # a run made before machines were recorded
 
 
