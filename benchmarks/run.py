@@ -190,18 +190,28 @@ def bench_threads(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     each, side by side: the throughput ``cv --jobs N`` (N runs of ``cores // N`` threads) gains or loses on this CPU."""
     from monai_mtl.runs import threads_per_run
 
+    import statistics
+
     cores = os.cpu_count() or 1
     steps = max(2, args.train_steps)
     batch = 16  # _training_step's
-    alone = _side_by_side_steps(1, threads_per_run(1), steps)[0]
-    rows = [(f"train step, 1 process of {threads_per_run(1)} threads (cv --jobs 1)", f"{1000 * alone / steps:.0f} ms",
-             f"{steps * batch / alone:.1f} vol/s")]
-    if cores > 1:
-        together = _side_by_side_steps(cores, threads_per_run(cores), steps)
-        rate = cores * steps * batch / max(together)
-        rows += [(f"train step, {cores} processes of {threads_per_run(cores)} thread(s) side by side (cv --jobs {cores})",
-                  f"{1000 * max(together) / steps:.0f} ms", f"{rate:.1f} vol/s in all"),
-                 (f"-> throughput of --jobs {cores} over --jobs 1", "", f"{rate / (steps * batch / alone):.2f}x")]
+    # three rounds, alternating, each figure their median: side by side, the slower child's time swings by a third
+    # from one measurement to the next on a 2-core virtual machine
+    alone, together = [], []
+    for _ in range(3):
+        alone.append(_side_by_side_steps(1, threads_per_run(1), steps)[0])
+        if cores > 1:
+            together.append(max(_side_by_side_steps(cores, threads_per_run(cores), steps)))
+    alone_rate = steps * batch / statistics.median(alone)
+    rows = [(f"train step, 1 process of {threads_per_run(1)} threads (cv --jobs 1), median of 3",
+             f"{1000 * statistics.median(alone) / steps:.0f} ms", f"{alone_rate:.1f} vol/s")]
+    if together:
+        rate = cores * steps * batch / statistics.median(together)
+        ratios = sorted(cores * a / t for a, t in zip(alone, together))
+        rows += [(f"train step, {cores} processes of {threads_per_run(cores)} thread(s) side by side (cv --jobs {cores}), "
+                  "median of 3", f"{1000 * statistics.median(together) / steps:.0f} ms", f"{rate:.1f} vol/s in all"),
+                 (f"-> throughput of --jobs {cores} over --jobs 1 (each round's: {', '.join(f'{r:.2f}' for r in ratios)})",
+                  "", f"{rate / alone_rate:.2f}x")]
     return rows
 
 
