@@ -122,8 +122,9 @@ def _add_run_options(p: argparse.ArgumentParser, config_file: bool = True) -> No
     p.add_argument("--overwrite", action="store_true",
                    help="train again runs that finished with other settings (otherwise they are refused, naming the difference)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="bundle runs at once; each gets the CPU cores divided by N as threads (on a GPU they share "
-                   "it) and writes its output to <run folder>.log")
+                   help="bundle runs at once; each gets the CPU cores divided by N as threads (at least 1; on a GPU they "
+                   "share it) and writes its output to <run folder>.log. Whether it pays depends on the CPU: "
+                   "python benchmarks/run.py --only threads; docs/real_size.md")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
