@@ -375,8 +375,8 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         f"{len(split.get('test', []))} subjects, the same for every row (5-fold CV: every subject tested once). "
         f"{_machines_sentence(root, [row.run_dir for row, cells in zip(rows, shown) if cells is not None] + ([cv_dir] if cv else []))} "
         "Wall time: first to last TensorBoard event of the training (without cohort generation, caching and the final "
-        "test pass); CV: the time any of its folds was training (folds run side by side by `--jobs` count once); it scales with the machine's training-step rate (`benchmarks/run.py "
-        "--only train`), and a CPU whose torch kernels differ (`AVX2`, `AVX512`) trains the same seed to slightly other "
+        "test pass); CV: the time any of its folds was training (folds run side by side by `--jobs` count once); it "
+        "scales with the machine's training-step rate (`benchmarks/run.py --only train`), and a CPU whose torch kernels differ (`AVX2`, `AVX512`) trains the same seed to slightly other "
         "weights (one machine repeats its own figures to the last digit)."
     )
     if kept:

@@ -426,7 +426,7 @@ def machine_label(machine: Mapping[str, Any]) -> str:
     """``2 CPU cores (AMD EPYC, AVX2), torch 2.13.0+cpu, Python 3.11.7`` (and the GPU and processes where there were).
 
     Fewer torch threads than cores (``cv --jobs 2`` gives each of two runs one) are named too (``, 1 torch thread``):
-    they change the wall time, and the rounding of oneDNN's reductions, as much as another CPU does.
+    they change the wall time, and the rounding of oneDNN's reductions like another CPU's kernels do.
     """
     text = f"{machine.get('cpu_cores', '?')} CPU cores ({machine.get('cpu', '?')}, {machine.get('cpu_capability', '?')})"
     threads = machine.get("torch_threads")
