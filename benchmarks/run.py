@@ -262,7 +262,10 @@ def bench_kernels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
                 for _ in range(steps):
                     step()
             seconds = (time.perf_counter() - start) / steps
-            ctypes.CDLL(None).fflush(None)
+            try:  # C's buffered stdout into the file before it is switched back (no libc handle on Windows)
+                ctypes.CDLL(None).fflush(None)
+            except (OSError, AttributeError, TypeError):
+                pass
         finally:
             os.dup2(saved, 1)
             os.close(saved)
