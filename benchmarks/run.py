@@ -188,9 +188,9 @@ def _side_by_side_steps(processes: int, threads: int, steps: int) -> list[float]
 def bench_threads(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """The default network's training step with every core in one process, against one process per core of one thread
     each, side by side: the throughput ``cv --jobs N`` (N runs of ``cores // N`` threads) gains or loses on this CPU."""
-    from monai_mtl.runs import threads_per_run
-
     import statistics
+
+    from monai_mtl.runs import threads_per_run
 
     cores = os.cpu_count() or 1
     steps = max(2, args.train_steps)
