@@ -297,6 +297,8 @@ def _add_floor(subparsers: argparse._SubParsersAction) -> None:
         description="For each subject of a split part, re-render its own anatomy (from cohort.json and its index) at "
         "candidate severities and take the one whose noise-free render best explains the scan under the generator's "
         "noise model (maximum likelihood) -> floor.json (severity_mae, bootstrap_95) and floor_predictions.csv. "
+        "Beside it the Cramer-Rao bound of an observer who must also read the anatomy (pose, size, ventricles, smooth "
+        "deformation) from the scan, as a model must (severity_mae_anatomy_unknown, anatomy_unknown_bootstrap_95). "
         "Also the response's limit (response_accuracy_limit, response_bootstrap_95): the class the scan shows, through "
         "the covariates' rule on a cohort made with --covariates (a missing genotype leaves some subjects unknowable). "
         "The severity needs a synthetic single-site cohort.",

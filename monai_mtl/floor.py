@@ -8,6 +8,10 @@ of ``noise_std``. The observer takes the severity, within the subject's class ra
 render makes the noisy image most likely under exactly that noise model (maximum likelihood): no
 model can beat its error on average, so its MAE is the floor of the severity task.
 
+A model does not know the anatomy either: it must read the subject's pose, size, ventricles and smooth
+deformation from the same scan. :func:`anatomy_unknown_mae` bounds what that leaves (a Bayesian Cramer-Rao
+bound, linearised around the subject's draws): the floor of any model that learns from scans alone.
+
 The response has a limit too: the scan shows the subject's biological class, and on a cohort with
 clinical covariates (``generate --covariates``) the observed class follows from it by the generator's
 rule, except where the column the rule needs is missing (:func:`response_limit`).
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.linalg import cho_factor, cho_solve
 from scipy.optimize import minimize_scalar
 from scipy.special import log_ndtr
 
@@ -80,7 +85,7 @@ def estimate_severity(
     return float(result.x) if result.fun <= costs[best] else float(grid[best])
 
 
-def _subject_floor(args: tuple[dict, int, str]) -> tuple[int, float, float]:
+def _subject_floor(args: tuple[dict, int, str]) -> tuple[int, float, float, float, float]:
     from monai_mtl.synthetic import config_from_dict, severity_renderer
 
     parameters, index, image_path = args
@@ -91,7 +96,7 @@ def _subject_floor(args: tuple[dict, int, str]) -> tuple[int, float, float]:
     image = np.asarray(nib.load(image_path).dataobj, dtype=np.float32)
     low, high = config.severity_ranges[subject.response]
     estimate = estimate_severity(image, render, low, high, config.noise_std, config.intensity_shift)
-    return index, subject.severity, estimate
+    return index, subject.severity, estimate, *anatomy_unknown_mae(config, index)
 
 
 def response_limit(description: dict, labels: pd.DataFrame, subject_ids: list[str]) -> pd.DataFrame:
@@ -144,9 +149,12 @@ def information_limit(
     writes ``floor.json``.
 
     ``severity_mae`` (with ``bootstrap_95``): the maximum-likelihood observer's error (single-site cohorts;
-    ``severity=False`` skips it, the renders being the slow part). ``response_accuracy_limit`` (with
-    ``response_bootstrap_95``): the accuracy of :func:`response_limit`'s observer. Also writes
-    ``floor_predictions.csv`` (``subject_id``, the response columns, then ``true_severity``, ``floor_severity``)
+    ``severity=False`` skips it, the renders being the slow part); beside it the Cramer-Rao figures of
+    :func:`anatomy_unknown_mae`, ``severity_mae_bound_anatomy_known`` and ``severity_mae_anatomy_unknown`` (with
+    ``anatomy_unknown_bootstrap_95``): the limit of an observer who must also read the anatomy from the scan.
+    ``response_accuracy_limit`` (with ``response_bootstrap_95``): the accuracy of :func:`response_limit`'s observer.
+    Also writes ``floor_predictions.csv`` (``subject_id``, the response columns, then ``true_severity``, ``floor_severity``,
+    ``bound_anatomy_known``, ``bound_anatomy_unknown``)
     to ``output_dir`` (default: the split file's folder, i.e. the run's).
 
     Raises:
@@ -190,6 +198,8 @@ def information_limit(
             results = list(tqdm(pool.map(_subject_floor, jobs, chunksize=4), total=len(jobs), desc="floor"))
         table["true_severity"] = [r[1] for r in results]
         table["floor_severity"] = [r[2] for r in results]
+        table["bound_anatomy_known"] = [r[3] for r in results]
+        table["bound_anatomy_unknown"] = [r[4] for r in results]
         csv_severity = labels.loc[table["subject_id"], "severity"].to_numpy()
         if not np.allclose(csv_severity, table["true_severity"], atol=1e-6):
             raise CohortError(f"{dataset_dir}: labels.csv severities differ from what cohort.json regenerates (edited cohort?)")
@@ -199,6 +209,12 @@ def information_limit(
             "severity_mae": float(errors.mean()),
             "bootstrap_95": interval["severity_mae"],
             "noise_model": {"noise_std": parameters["noise_std"], "intensity_shift": parameters["intensity_shift"]},
+            # the Cramer-Rao figures: what an efficient observer's MAE would be, knowing the anatomy (a check on the
+            # maximum-likelihood figure above) and having to read it from the scan too (anatomy_unknown_mae)
+            "severity_mae_bound_anatomy_known": float(table["bound_anatomy_known"].mean()),
+            "severity_mae_anatomy_unknown": float(table["bound_anatomy_unknown"].mean()),
+            "anatomy_unknown_bootstrap_95": bootstrap_intervals(table.assign(
+                pred_response=table["true_response"], true_severity=0.0, pred_severity=table["bound_anatomy_unknown"]))["severity_mae"],
         })
     result.update({
         "n": int(len(table)),
@@ -207,8 +223,9 @@ def information_limit(
         "dataset_dir": str(dataset_dir.absolute()),
         "method": ("response: the class the scan shows (the generator's draw) through the covariates' rule, the most "
                    "likely class where a covariate is missing"
-                   + ("; severity: maximum likelihood over the subject's class range, its own anatomy re-rendered"
-                      if severity else "") + " (monai_mtl.floor)"),
+                   + ("; severity: maximum likelihood over the subject's class range, its own anatomy re-rendered; "
+                      "beside it the Cramer-Rao bounds with the anatomy known and unknown (linearised, Gaussian priors of "
+                      "the generator's variances)" if severity else "") + " (monai_mtl.floor)"),
     })
     out = Path(output_dir) if output_dir is not None else split_file.parent
     atomic_write_csv(out / "floor_predictions.csv", table)
@@ -216,7 +233,7 @@ def information_limit(
     logger.info("information limit on the %s part (n=%d): response accuracy %.4f%s -> %s", part, result["n"],
                 result["response_accuracy_limit"],
                 f", severity MAE {result['severity_mae']:.3f} {[round(v, 3) for v in result['bootstrap_95']]}"
-                if severity else "", out / "floor.json")
+                f" (anatomy unknown: {result['severity_mae_anatomy_unknown']:.3f})" if severity else "", out / "floor.json")
     return result
 
 
@@ -236,4 +253,82 @@ def cramer_rao_mae(render: Callable[[float], np.ndarray], severity: float, noise
     return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
 
 
-__all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit", "cramer_rao_mae"]
+def _kronecker_gram(weight: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """``F.T @ diag(weight.ravel()) @ F`` for ``F = kron(*factors)`` (one factor per axis), one axis at a time."""
+    gram = weight
+    for factor in factors:  # contract the leading voxel axis, append the factor's pair of indices at the end
+        gram = np.tensordot(gram, np.einsum("xi,xj->xij", factor, factor), axes=([0], [0]))
+    ranks = [f.shape[1] for f in factors]
+    order = [2 * a for a in range(len(factors))] + [2 * a + 1 for a in range(len(factors))]
+    return gram.transpose(order).reshape(math.prod(ranks), math.prod(ranks))
+
+
+def _kronecker_project(volume: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """``F.T @ volume.ravel()`` for ``F = kron(*factors)``."""
+    for factor in factors:
+        volume = np.tensordot(volume, factor, axes=([0], [0]))  # the axis' voxel index becomes its rank index, at the end
+    return volume.ravel()
+
+
+def anatomy_unknown_mae(config, index: int, step: float = 0.5) -> tuple[float, float]:
+    """Severity MAE bounds of subject ``index``: ``(anatomy known, anatomy unknown)``, each ``sqrt(2 / (pi I))``.
+
+    Known: ``I = j' W j``, ``j`` the image's derivative by the severity and ``W`` the inverse voxel variances of
+    the noise's Gaussian approximation (:func:`cramer_rao_mae` without its small variance term). Unknown: the
+    observer must also read the subject's rotation, scale, translation, ventricle size and smooth deformation
+    from the scan. Linearised around the subject's own draws, with Gaussian priors of the generator's variances
+    (its uniform draws' ``a / sqrt(3)``; the deformation's covariance from :func:`~monai_mtl.synthetic.warp_covariance_factors`),
+    the image is ``render + j ds + U z + noise`` with ``z`` standard normal, and what the severity keeps of
+    ``I`` is the Schur complement ``j' W j - b' (1 + U' W U)^-1 b``, ``b = U' W j`` (Bayesian Cramer-Rao). The
+    deformation's columns are the per-voxel derivative by its three components times the Kronecker factors, so
+    ``U' W U`` (about 6,400 columns) is made axis by axis, never as a voxels x columns matrix.
+    """
+    from monai_mtl.synthetic import anatomy_renderer, warp_covariance_factors
+
+    subject, render = anatomy_renderer(config, index)
+    clean = render(subject.severity).astype(np.float64)
+
+    def derivative(name: str, value, delta) -> np.ndarray:
+        return (render(subject.severity, **{name: value + delta}).astype(np.float64)
+                - render(subject.severity, **{name: value - delta}).astype(np.float64)) / (2.0 * float(np.max(np.abs(delta))))
+
+    slope = (render(subject.severity + step).astype(np.float64) - render(subject.severity - step).astype(np.float64)) / (2 * step)
+    weight = 1.0 / (config.noise_std**2 + (config.intensity_shift * clean) ** 2 / 3.0)
+    axes = np.eye(3)
+    # the global nuisance, each column scaled by its prior's standard deviation
+    columns = [derivative("rotation_rad", subject.rotation_rad, 1e-3 * e) * math.radians(config.rotation_deg) / math.sqrt(3)
+               for e in axes]
+    columns += [derivative("scale", subject.scale, 1e-3 * e) * config.scale_range / math.sqrt(3) for e in axes]
+    columns += [derivative("translation_mm", subject.translation_mm, 0.05 * e) * config.translation_mm / math.sqrt(3)
+                for e in axes]
+    columns.append(derivative("ventricle_scale", subject.ventricle_scale, 1e-3) * config.ventricle_scale_std)
+    # each voxel's image moves with its own deformation: a constant offset gives every voxel's derivative at once
+    gradient = [derivative("warp_offset_mm", np.zeros(3), 0.05 * e) for e in axes]
+    factors = warp_covariance_factors(config.shape, config.spacing_mm, config.warp_smoothness_mm)
+    rank, count = math.prod(f.shape[1] for f in factors), len(columns)
+    sd = config.warp_std_mm
+    gram = np.zeros((3 * rank + count, 3 * rank + count))
+    coupling = np.zeros(3 * rank + count)
+    for k in range(3):
+        block = slice(k * rank, (k + 1) * rank)
+        for m in range(k, 3):
+            gram[block, m * rank:(m + 1) * rank] = sd * sd * _kronecker_gram(gradient[k] * gradient[m] * weight, factors)
+            gram[m * rank:(m + 1) * rank, block] = gram[block, m * rank:(m + 1) * rank].T
+        for c, column in enumerate(columns):
+            gram[block, 3 * rank + c] = gram[3 * rank + c, block] = sd * _kronecker_project(gradient[k] * weight * column, factors)
+        coupling[block] = sd * _kronecker_project(gradient[k] * weight * slope, factors)
+    flat = np.stack([c.ravel() for c in columns])
+    gram[3 * rank:, 3 * rank:] = (flat * weight.ravel()) @ flat.T
+    coupling[3 * rank:] = flat @ (weight * slope).ravel()
+    gram[np.diag_indices_from(gram)] += 1.0  # the standard normal prior of every column
+    known = float(np.sum(slope**2 * weight))
+    unknown = known - float(coupling @ cho_solve(cho_factor(gram, overwrite_a=True), coupling))
+
+    def mae(information: float) -> float:
+        return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
+
+    return mae(known), mae(unknown)
+
+
+__all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit",
+           "cramer_rao_mae", "anatomy_unknown_mae"]

@@ -131,19 +131,23 @@ def _model_row(row: Row, root: Path) -> tuple[str, ...] | None:
 
 
 FLOOR_LABEL = "information limit: an observer who knows everything but the noise"
+FLOOR_ANATOMY_LABEL = ("information limit of a model: an observer who must also read the anatomy (pose, size, "
+                       "deformation) from the scan (Cramér–Rao)")
 
 
-def _floor_row(root: Path, run_dir: str) -> str | None:
-    # the information limit on the reference run's test part (python -m monai_mtl floor), when it was computed
+def _floor_rows(root: Path, run_dir: str) -> list[str] | None:
+    # the information limits on the reference run's test part (python -m monai_mtl floor), when they were computed;
+    # a floor.json made before the anatomy-unknown bound gives the first row only
     floor_file = root / run_dir / "floor.json"
     if not floor_file.is_file():
         return None
     floor = json.loads(floor_file.read_text())
-    low, high = floor["bootstrap_95"]
-    cells = (FLOOR_LABEL,
-             f"`python -m monai_mtl floor --split {run_dir}/split.json`",
-             "—", f"{floor['severity_mae']:.2f} ({low:.2f}–{high:.2f})", "—", "—", "—", "—")
-    return "| " + " | ".join(cells) + " |"
+    command = f"`python -m monai_mtl floor --split {run_dir}/split.json`"
+    rows = [(FLOOR_LABEL, floor["severity_mae"], floor["bootstrap_95"])]
+    if "severity_mae_anatomy_unknown" in floor:
+        rows.append((FLOOR_ANATOMY_LABEL, floor["severity_mae_anatomy_unknown"], floor["anatomy_unknown_bootstrap_95"]))
+    return ["| " + " | ".join((label, command, "—", f"{mae:.2f} ({low:.2f}–{high:.2f})", "—", "—", "—", "—")) + " |"
+            for label, mae, (low, high) in rows]
 
 
 def _training_settings(run_dir: Path) -> dict | None:
@@ -360,12 +364,12 @@ def results_table(root: str | os.PathLike = ".", rows: tuple[Row, ...] = DEFAULT
         if i == 0 and cv is not None:  # cross-validation was run for our model
             cells = (*cells[:4], cv[0], cv[1], cells[6], f"{cells[7]}; CV {cv[2]}")
         lines.append("| " + " | ".join(cells) + " |")
-    floor = _floor_row(root, rows[0].run_dir)
-    if floor is None and FLOOR_LABEL in kept_lines:
-        floor = kept_lines[FLOOR_LABEL]
-        kept.append(f"{rows[0].run_dir}/floor.json")
-    if floor is not None:
-        lines.insert(3, floor)
+    floor = _floor_rows(root, rows[0].run_dir)
+    if floor is None:
+        floor = [kept_lines[label] for label in (FLOOR_LABEL, FLOOR_ANATOMY_LABEL) if label in kept_lines]
+        if floor:
+            kept.append(f"{rows[0].run_dir}/floor.json")
+    lines[3:3] = floor
     split_file = root / rows[0].run_dir / "split.json"
     split = json.loads(split_file.read_text()) if split_file.is_file() else {}
     seed = split.get("settings", {}).get("seed", "?")

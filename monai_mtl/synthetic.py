@@ -309,6 +309,24 @@ def _smooth_random_field(
     return field_
 
 
+def warp_covariance_factors(shape: Sequence[int], spacing: Sequence[float], sigma_mm: float) -> list[np.ndarray]:
+    """Per axis a real factor ``U`` (``n x r``) of the smooth deformation's spatial correlation: ``U @ U.T``.
+
+    :func:`_smooth_random_field` draws each component as a Gaussian field whose covariance between two
+    voxels is the product over the axes of ``Re(B B^H)`` (``B`` the axis' :func:`_lowpass_basis`), scaled to
+    ``std_mm**2`` at zero distance: a component is ``std_mm * (U_x kron U_y kron U_z) z`` with ``z`` standard
+    normal. ``r`` is the number of frequencies the low-pass keeps, whatever the voxel count.
+    """
+    factors = []
+    for n, s in zip(shape, spacing):
+        basis = _lowpass_basis(int(n), sigma_mm / s)
+        correlation = (basis @ basis.conj().T).real
+        eigenvalues, eigenvectors = np.linalg.eigh(correlation / correlation[0, 0])
+        keep = eigenvalues > 1e-9 * eigenvalues.max()
+        factors.append(eigenvectors[:, keep] * np.sqrt(eigenvalues[keep]))
+    return factors
+
+
 @functools.lru_cache(maxsize=4)
 def _grid_world(shape: tuple[int, int, int], affine_key: tuple[float, ...]) -> np.ndarray:
     """World coordinates (mm) of every voxel centre, shape ``(3, *shape)`` (cached: the grid is shared)."""
@@ -430,12 +448,15 @@ _SLAB_SAMPLES_PER_MM = 1.0 / 1.5
 
 def _subject_anatomy(
     config: CohortConfig, index: int, grid: CohortConfig
-) -> tuple[np.random.Generator, Subject, Callable[[float, float], np.ndarray]]:
+) -> tuple[np.random.Generator, Subject, Callable[..., np.ndarray]]:
     """Subject ``index``'s stream after its anatomy draws, its labels, and its noise-free render.
 
     The render ``(severity, dz) -> image`` on ``grid`` uses the subject's own nuisance (rotation, scale,
     translation, ventricle size, smooth deformation, and the age's atrophy where ``config`` has one) at any
     severity, shifted by ``dz`` mm along z (a sub-slice of a slab). The stream then continues with the noise draws.
+    Keywords replace one part of the nuisance (``rotation_rad``, ``scale``, ``translation_mm``, ``ventricle_scale``)
+    or add ``warp_offset_mm`` (3,) to the deformation of every voxel: :mod:`monai_mtl.floor` differentiates the
+    image by each to find what an observer who does not know them can still tell of the severity.
     """
     rng = _subject_rng(config.seed, index)
     subject = draw_subject(config, index, rng)
@@ -446,13 +467,19 @@ def _subject_anatomy(
         ageing = age_atrophy(subject_age(config.seed, index), config.age_atrophy_per_year)
     world = grid_world(grid)
     warp = _smooth_random_field(rng, grid.shape, grid.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
-    linear = _rotation_matrix(subject.rotation_rad) @ np.diag(subject.scale)
 
-    def render(severity: float, dz: float = 0.0) -> np.ndarray:
-        displaced = world + warp + np.array([0.0, 0.0, dz]).reshape(3, 1, 1, 1) if dz else world + warp
-        template = np.einsum("ab,b...->a...", linear, displaced) + subject.translation_mm.reshape(3, 1, 1, 1)
-        weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity + ageing,
-                                        subject.ventricle_scale)
+    def render(severity: float, dz: float = 0.0, *, rotation_rad: np.ndarray | None = None, scale: np.ndarray | None = None,
+               translation_mm: np.ndarray | None = None, ventricle_scale: float | None = None,
+               warp_offset_mm: Sequence[float] | None = None) -> np.ndarray:
+        rotation_rad = subject.rotation_rad if rotation_rad is None else np.asarray(rotation_rad)
+        scale = subject.scale if scale is None else np.asarray(scale)
+        translation_mm = subject.translation_mm if translation_mm is None else np.asarray(translation_mm)
+        ventricle_scale = subject.ventricle_scale if ventricle_scale is None else ventricle_scale
+        offset = np.array([0.0, 0.0, dz]) + (0.0 if warp_offset_mm is None else np.asarray(warp_offset_mm, dtype=np.float64))
+        displaced = world + warp + offset.reshape(3, 1, 1, 1) if offset.any() else world + warp
+        linear = _rotation_matrix(rotation_rad) @ np.diag(scale)
+        template = np.einsum("ab,b...->a...", linear, displaced) + translation_mm.reshape(3, 1, 1, 1)
+        weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity + ageing, ventricle_scale)
         return (weights * values).sum(axis=0)
 
     return rng, subject, render
@@ -466,6 +493,17 @@ def severity_renderer(config: CohortConfig, index: int) -> tuple[Subject, Callab
     """
     _, subject, render = _subject_anatomy(config, index, config)
     return subject, lambda severity: render(severity).astype(np.float32)
+
+
+def anatomy_renderer(config: CohortConfig, index: int) -> tuple[Subject, Callable[..., np.ndarray]]:
+    """Subject ``index``'s labels and its noise-free image as a function of severity and of each part of its nuisance.
+
+    ``render(severity, rotation_rad=..., scale=..., translation_mm=..., ventricle_scale=..., warp_offset_mm=...)``:
+    without keywords the subject's own draws (:func:`severity_renderer`); each keyword replaces one of them
+    (``warp_offset_mm`` adds a constant to the smooth deformation). Float32 on the cohort's grid.
+    """
+    _, subject, render = _subject_anatomy(config, index, config)
+    return subject, lambda severity, **nuisance: render(severity, **nuisance).astype(np.float32)
 
 
 def render_subject(

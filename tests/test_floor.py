@@ -13,8 +13,24 @@ from scipy.stats import norm
 from monai_mtl.__main__ import main
 from monai_mtl.clinical import most_likely_response
 from monai_mtl.errors import CohortError
-from monai_mtl.floor import cramer_rao_mae, estimate_severity, information_limit, log_likelihood
-from monai_mtl.synthetic import CohortConfig, generate_cohort, render_subject, severity_renderer
+from monai_mtl.floor import (
+    _kronecker_gram,
+    _kronecker_project,
+    anatomy_unknown_mae,
+    cramer_rao_mae,
+    estimate_severity,
+    information_limit,
+    log_likelihood,
+)
+from monai_mtl.synthetic import (
+    CohortConfig,
+    _smooth_random_field,
+    anatomy_renderer,
+    generate_cohort,
+    render_subject,
+    severity_renderer,
+    warp_covariance_factors,
+)
 
 
 @pytest.mark.parametrize("y, c", [(0.6, 0.62), (0.5, 0.62), (0.0, 0.0), (0.02, 0.001), (0.9, 0.85)])
@@ -52,6 +68,67 @@ def test_floor_on_noisy_scans_stays_within_the_cramer_rao_bound():
     assert max(bounds) < 0.5  # the noise leaves the severity known to a fraction of a point
 
 
+def test_kronecker_products_of_the_deformation_match_the_explicit_matrices():
+    rng = np.random.default_rng(0)
+    factors = [rng.normal(size=(n, r)) for n, r in ((4, 2), (3, 3), (5, 2))]
+    weight, volume = rng.uniform(0.5, 2.0, size=(4, 3, 5)), rng.normal(size=(4, 3, 5))
+    explicit = np.kron(np.kron(factors[0], factors[1]), factors[2])  # C order: the last axis fastest, as ravel
+    np.testing.assert_allclose(_kronecker_gram(weight, factors), explicit.T @ np.diag(weight.ravel()) @ explicit, rtol=1e-10)
+    np.testing.assert_allclose(_kronecker_project(volume, factors), explicit.T @ volume.ravel(), rtol=1e-10)
+
+
+def test_warp_covariance_factors_give_the_generators_deformation_statistics():
+    config = CohortConfig()
+    factors = warp_covariance_factors(config.shape, config.spacing_mm, config.warp_smoothness_mm)
+    assert [f.shape[1] for f in factors] == [13, 15, 11]  # the frequencies the 15 mm low-pass keeps, per axis
+    rng = np.random.default_rng(0)
+    offsets = [(0, 0, 0), (1, 0, 0), (4, 0, 0), (0, 3, 0), (0, 0, 1), (2, 2, 1), (10, 0, 0)]
+    products = np.zeros(len(offsets))
+    for _ in range(30):  # the field is periodic and stationary: every voxel pair at an offset is a sample
+        field = _smooth_random_field(rng, config.shape, config.spacing_mm, config.warp_smoothness_mm, config.warp_std_mm)
+        products += [np.mean(field * np.roll(field, offset, axis=(1, 2, 3))) / 30 for offset in offsets]
+    expected = [config.warp_std_mm**2 * np.prod([(f @ f.T)[0, d] for f, d in zip(factors, offset)]) for offset in offsets]
+    # within 3%: the generator scales each draw by its own standard deviation, the factors by the expected one
+    np.testing.assert_allclose(products, expected, rtol=0.03)
+
+
+def test_anatomy_unknown_bound_is_the_schur_complement_of_the_whole_fisher_matrix():
+    """Without the deformation the nuisance is ten numbers: the bound equals inverting the 11 x 11 Fisher matrix."""
+    config = CohortConfig(warp_std_mm=0.0)
+    subject, render = anatomy_renderer(config, 1)
+    clean = render(subject.severity).astype(np.float64)
+    weight = 1.0 / (config.noise_std**2 + (config.intensity_shift * clean) ** 2 / 3.0)
+
+    def derivative(name, value, delta):
+        return (render(subject.severity, **{name: value + delta}).astype(np.float64)
+                - render(subject.severity, **{name: value - delta}).astype(np.float64)).ravel() / (2 * np.max(np.abs(delta)))
+
+    eye = np.eye(3)
+    columns = [(render(subject.severity + 0.5).astype(np.float64) - render(subject.severity - 0.5)).ravel()]
+    columns += [derivative("rotation_rad", subject.rotation_rad, 1e-3 * e) for e in eye]
+    columns += [derivative("scale", subject.scale, 1e-3 * e) for e in eye]
+    columns += [derivative("translation_mm", subject.translation_mm, 0.05 * e) for e in eye]
+    columns.append(derivative("ventricle_scale", subject.ventricle_scale, 1e-3))
+    jacobian = np.stack(columns, axis=1)
+    prior_sd = [np.deg2rad(config.rotation_deg) / np.sqrt(3)] * 3 + [config.scale_range / np.sqrt(3)] * 3 \
+        + [config.translation_mm / np.sqrt(3)] * 3 + [config.ventricle_scale_std]
+    fisher = jacobian.T @ (weight.ravel()[:, None] * jacobian) + np.diag([0.0] + [1 / sd**2 for sd in prior_sd])
+    expected = np.sqrt(2 / (np.pi / np.linalg.inv(fisher)[0, 0]))
+
+    known, unknown = anatomy_unknown_mae(config, 1)
+    assert unknown == pytest.approx(expected, rel=1e-4)
+    assert known == pytest.approx(cramer_rao_mae(render, subject.severity, config.noise_std, config.intensity_shift), rel=0.01)
+    assert unknown > known  # reading the pose costs information
+
+
+def test_anatomy_unknown_bound_is_the_known_one_when_the_generator_draws_no_anatomy():
+    still = CohortConfig(rotation_deg=0.0, scale_range=0.0, translation_mm=0.0, ventricle_scale_std=0.0, warp_std_mm=0.0)
+    known, unknown = anatomy_unknown_mae(still, 2)
+    assert unknown == pytest.approx(known, rel=1e-9)
+    known_default, unknown_default = anatomy_unknown_mae(CohortConfig(), 2)
+    assert unknown_default > 1.5 * known_default  # the pose and the deformation hide part of the severity
+
+
 @pytest.mark.slow
 def test_floor_command_writes_its_json_and_refuses_other_cohorts(tmp_path):
     cohort = tmp_path / "cohort"
@@ -66,7 +143,13 @@ def test_floor_command_writes_its_json_and_refuses_other_cohorts(tmp_path):
     assert written["severity_mae"] == pytest.approx(result["severity_mae"]) and written["part"] == "test"
     assert written["response_accuracy_limit"] == 1.0  # without covariates the scan shows the response
     assert (tmp_path / "run" / "floor_predictions.csv").read_text().startswith(
-        "subject_id,true_response,scan_response,limit_response,true_severity,floor_severity")
+        "subject_id,true_response,scan_response,limit_response,true_severity,floor_severity,bound_anatomy_known,"
+        "bound_anatomy_unknown")
+    # the efficient observer's figure agrees with the maximum-likelihood one in size; reading the anatomy costs more
+    assert 0.3 * result["severity_mae"] < result["severity_mae_bound_anatomy_known"] < 3 * result["severity_mae"] + 0.05
+    assert result["severity_mae_anatomy_unknown"] > result["severity_mae_bound_anatomy_known"]
+    low, high = result["anatomy_unknown_bootstrap_95"]
+    assert low <= result["severity_mae_anatomy_unknown"] <= high
 
     (cohort / "cohort.json").unlink()
     with pytest.raises(CohortError, match="no cohort.json"):
