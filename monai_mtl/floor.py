@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_ndtr
 
 from monai_mtl.errors import CohortError
+
+if TYPE_CHECKING:
+    from monai_mtl.synthetic import CohortConfig
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +253,11 @@ def cramer_rao_mae(render: Callable[[float], np.ndarray], severity: float, noise
     slope = (plus - minus) / (2 * step)
     variance = noise_std**2 + (shift * clean) ** 2 / 3.0
     dv_dc = 2.0 * shift**2 * clean / 3.0
-    information = float(np.sum(slope**2 * (1.0 / variance + dv_dc**2 / (2.0 * variance**2))))
+    return _efficient_mae(float(np.sum(slope**2 * (1.0 / variance + dv_dc**2 / (2.0 * variance**2)))))
+
+
+def _efficient_mae(information: float) -> float:
+    # an unbiased estimator at the Cramer-Rao bound errs as a Gaussian of variance 1 / I: mean |error| sqrt(2 / (pi I))
     return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
 
 
@@ -270,7 +278,7 @@ def _kronecker_project(volume: np.ndarray, factors: list[np.ndarray]) -> np.ndar
     return volume.ravel()
 
 
-def anatomy_unknown_mae(config, index: int, step: float = 0.5) -> tuple[float, float]:
+def anatomy_unknown_mae(config: CohortConfig, index: int, step: float = 0.5) -> tuple[float, float]:
     """Severity MAE bounds of subject ``index``: ``(anatomy known, anatomy unknown)``, each ``sqrt(2 / (pi I))``.
 
     Known: ``I = j' W j``, ``j`` the image's derivative by the severity and ``W`` the inverse voxel variances of
@@ -323,11 +331,7 @@ def anatomy_unknown_mae(config, index: int, step: float = 0.5) -> tuple[float, f
     gram[np.diag_indices_from(gram)] += 1.0  # the standard normal prior of every column
     known = float(np.sum(slope**2 * weight))
     unknown = known - float(coupling @ cho_solve(cho_factor(gram, overwrite_a=True), coupling))
-
-    def mae(information: float) -> float:
-        return math.sqrt(2.0 / (math.pi * information)) if information > 0 else float("inf")
-
-    return mae(known), mae(unknown)
+    return _efficient_mae(known), _efficient_mae(unknown)
 
 
 __all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit",
