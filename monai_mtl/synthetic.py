@@ -454,9 +454,10 @@ def _subject_anatomy(
     The render ``(severity, dz) -> image`` on ``grid`` uses the subject's own nuisance (rotation, scale,
     translation, ventricle size, smooth deformation, and the age's atrophy where ``config`` has one) at any
     severity, shifted by ``dz`` mm along z (a sub-slice of a slab). The stream then continues with the noise draws.
-    Keywords replace one part of the nuisance (``rotation_rad``, ``scale``, ``translation_mm``, ``ventricle_scale``)
-    or add ``warp_offset_mm`` (3,) to the deformation of every voxel: :mod:`monai_mtl.floor` differentiates the
-    image by each to find what an observer who does not know them can still tell of the severity.
+    Keywords replace one part of the nuisance (``rotation_rad``, ``scale``, ``translation_mm``, ``ventricle_scale``,
+    ``warp_mm``: the smooth deformation, ``(3, *grid.shape)`` mm) or add ``warp_offset_mm`` (3,) to the deformation of
+    every voxel: :mod:`monai_mtl.floor` differentiates the image by each to find what an observer who does not know
+    them can still tell of the severity.
     """
     rng = _subject_rng(config.seed, index)
     subject = draw_subject(config, index, rng)
@@ -470,13 +471,14 @@ def _subject_anatomy(
 
     def render(severity: float, dz: float = 0.0, *, rotation_rad: np.ndarray | None = None, scale: np.ndarray | None = None,
                translation_mm: np.ndarray | None = None, ventricle_scale: float | None = None,
-               warp_offset_mm: Sequence[float] | None = None) -> np.ndarray:
+               warp_offset_mm: Sequence[float] | None = None, warp_mm: np.ndarray | None = None) -> np.ndarray:
         rotation_rad = subject.rotation_rad if rotation_rad is None else np.asarray(rotation_rad)
         scale = subject.scale if scale is None else np.asarray(scale)
         translation_mm = subject.translation_mm if translation_mm is None else np.asarray(translation_mm)
         ventricle_scale = subject.ventricle_scale if ventricle_scale is None else ventricle_scale
         offset = np.array([0.0, 0.0, dz]) + (0.0 if warp_offset_mm is None else np.asarray(warp_offset_mm, dtype=np.float64))
-        displaced = world + warp + offset.reshape(3, 1, 1, 1) if offset.any() else world + warp
+        deformation = warp if warp_mm is None else np.asarray(warp_mm, dtype=np.float64).reshape(warp.shape)
+        displaced = world + deformation + offset.reshape(3, 1, 1, 1) if offset.any() else world + deformation
         linear = _rotation_matrix(rotation_rad) @ np.diag(scale)
         template = np.einsum("ab,b...->a...", linear, displaced) + translation_mm.reshape(3, 1, 1, 1)
         weights, values = render_layers(grid, template.astype(np.float32), subject.response, severity + ageing, ventricle_scale)
@@ -498,9 +500,10 @@ def severity_renderer(config: CohortConfig, index: int) -> tuple[Subject, Callab
 def anatomy_renderer(config: CohortConfig, index: int) -> tuple[Subject, Callable[..., np.ndarray]]:
     """Subject ``index``'s labels and its noise-free image as a function of severity and of each part of its nuisance.
 
-    ``render(severity, rotation_rad=..., scale=..., translation_mm=..., ventricle_scale=..., warp_offset_mm=...)``:
-    without keywords the subject's own draws (:func:`severity_renderer`); each keyword replaces one of them
-    (``warp_offset_mm`` adds a constant to the smooth deformation). Float32 on the cohort's grid.
+    ``render(severity, rotation_rad=..., scale=..., translation_mm=..., ventricle_scale=..., warp_mm=...,
+    warp_offset_mm=...)``: without keywords the subject's own draws (:func:`severity_renderer`); each keyword replaces
+    one of them (``warp_mm`` the smooth deformation, ``(3, *shape)`` mm; ``warp_offset_mm`` adds a constant to it).
+    Float32 on the cohort's grid.
     """
     _, subject, render = _subject_anatomy(config, index, config)
     return subject, lambda severity, **nuisance: render(severity, **nuisance).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -90,6 +91,19 @@ def test_warp_covariance_factors_give_the_generators_deformation_statistics():
     expected = [config.warp_std_mm**2 * np.prod([(f @ f.T)[0, d] for f, d in zip(factors, offset)]) for offset in offsets]
     # within 3%: the generator scales each draw by its own standard deviation, the factors by the expected one
     np.testing.assert_allclose(products, expected, rtol=0.03)
+
+
+def test_the_render_takes_a_whole_deformation_in_place_of_the_subjects():
+    """``warp_mm`` replaces the subject's smooth deformation (docs/scripts/bound_check.py fits one)."""
+    config = CohortConfig()
+    subject, render = anatomy_renderer(config, 2)
+    _, render_undeformed = anatomy_renderer(dataclasses.replace(config, warp_std_mm=0.0), 2)
+    zero = np.zeros((3, *config.shape))
+    assert not np.allclose(render(subject.severity), render_undeformed(subject.severity))  # the subject's own is drawn
+    np.testing.assert_array_equal(render(subject.severity, warp_mm=zero), render_undeformed(subject.severity))
+    offset = np.array([0.5, -0.3, 1.0])
+    np.testing.assert_allclose(render(subject.severity, warp_mm=zero + offset.reshape(3, 1, 1, 1)),
+                               render_undeformed(subject.severity, warp_offset_mm=offset), atol=1e-6)
 
 
 def test_anatomy_unknown_bound_is_the_schur_complement_of_the_whole_fisher_matrix():
