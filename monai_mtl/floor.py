@@ -278,6 +278,33 @@ def _kronecker_project(volume: np.ndarray, factors: list[np.ndarray]) -> np.ndar
     return volume.ravel()
 
 
+def weighted_gram(columns: list[np.ndarray], moved: list[np.ndarray], weight: np.ndarray, factors: list[np.ndarray],
+                  warp_std_mm: float) -> np.ndarray:
+    """``J' W J`` for ``J = [warp_std_mm * (g_k F) for k in 0..2, *columns]``, made axis by axis.
+
+    ``F = kron(*factors)`` is the smooth deformation's basis (:func:`~monai_mtl.synthetic.warp_covariance_factors`),
+    ``g_k`` (``moved``) the image's derivative by a displacement of each voxel along axis ``k``, so ``g_k F`` are the
+    derivatives by the deformation's standard-normal coefficients (``3 * rank`` columns first, never built as a voxels x
+    columns matrix); ``columns`` are volumes (the derivatives by other unknowns, or a residual), ``W = diag(weight)``.
+    Without ``moved`` the dense columns' matrix alone. :func:`anatomy_unknown_mae` takes the bound from it;
+    docs/scripts/bound_check.py the Gauss-Newton steps of a fit.
+    """
+    rank = math.prod(f.shape[1] for f in factors) if moved else 0
+    size = len(moved) * rank
+    gram = np.zeros((size + len(columns), size + len(columns)))
+    for k in range(len(moved)):
+        block = slice(k * rank, (k + 1) * rank)
+        for m in range(k, len(moved)):
+            other = slice(m * rank, (m + 1) * rank)
+            gram[block, other] = warp_std_mm**2 * _kronecker_gram(moved[k] * moved[m] * weight, factors)
+            gram[other, block] = gram[block, other].T
+        for c, column in enumerate(columns):
+            gram[block, size + c] = gram[size + c, block] = warp_std_mm * _kronecker_project(moved[k] * weight * column, factors)
+    flat = np.stack([c.ravel() for c in columns])
+    gram[size:, size:] = (flat * weight.ravel()) @ flat.T
+    return gram
+
+
 def anatomy_unknown_mae(config: CohortConfig, index: int, step: float = 0.5) -> tuple[float, float]:
     """Severity MAE bounds of subject ``index``: ``(anatomy known, anatomy unknown)``, each ``sqrt(2 / (pi I))``.
 
@@ -313,26 +340,14 @@ def anatomy_unknown_mae(config: CohortConfig, index: int, step: float = 0.5) -> 
     # each voxel's image moves with its own deformation: a constant offset gives every voxel's derivative at once
     gradient = [derivative("warp_offset_mm", np.zeros(3), 0.05 * e) for e in axes]
     factors = warp_covariance_factors(config.shape, config.spacing_mm, config.warp_smoothness_mm)
-    rank, count = math.prod(f.shape[1] for f in factors), len(columns)
-    sd = config.warp_std_mm
-    gram = np.zeros((3 * rank + count, 3 * rank + count))
-    coupling = np.zeros(3 * rank + count)
-    for k in range(3):
-        block = slice(k * rank, (k + 1) * rank)
-        for m in range(k, 3):
-            gram[block, m * rank:(m + 1) * rank] = sd * sd * _kronecker_gram(gradient[k] * gradient[m] * weight, factors)
-            gram[m * rank:(m + 1) * rank, block] = gram[block, m * rank:(m + 1) * rank].T
-        for c, column in enumerate(columns):
-            gram[block, 3 * rank + c] = gram[3 * rank + c, block] = sd * _kronecker_project(gradient[k] * weight * column, factors)
-        coupling[block] = sd * _kronecker_project(gradient[k] * weight * slope, factors)
-    flat = np.stack([c.ravel() for c in columns])
-    gram[3 * rank:, 3 * rank:] = (flat * weight.ravel()) @ flat.T
-    coupling[3 * rank:] = flat @ (weight * slope).ravel()
-    gram[np.diag_indices_from(gram)] += 1.0  # the standard normal prior of every column
-    known = float(np.sum(slope**2 * weight))
-    unknown = known - float(coupling @ cho_solve(cho_factor(gram, overwrite_a=True), coupling))
+    # J' W J of [the deformation's columns, the global nuisance's, the severity's]: the nuisance's block, its coupling
+    # to the severity, and the severity's own information
+    gram = weighted_gram(columns + [slope], gradient, weight, factors, config.warp_std_mm)
+    known, coupling, nuisance = float(gram[-1, -1]), gram[:-1, -1], gram[:-1, :-1]
+    nuisance[np.diag_indices_from(nuisance)] += 1.0  # the standard normal prior of every column
+    unknown = known - float(coupling @ cho_solve(cho_factor(nuisance, overwrite_a=True), coupling))
     return _efficient_mae(known), _efficient_mae(unknown)
 
 
 __all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit",
-           "cramer_rao_mae", "anatomy_unknown_mae"]
+           "cramer_rao_mae", "weighted_gram", "anatomy_unknown_mae"]

@@ -22,6 +22,7 @@ from monai_mtl.floor import (
     estimate_severity,
     information_limit,
     log_likelihood,
+    weighted_gram,
 )
 from monai_mtl.synthetic import (
     CohortConfig,
@@ -76,6 +77,21 @@ def test_kronecker_products_of_the_deformation_match_the_explicit_matrices():
     explicit = np.kron(np.kron(factors[0], factors[1]), factors[2])  # C order: the last axis fastest, as ravel
     np.testing.assert_allclose(_kronecker_gram(weight, factors), explicit.T @ np.diag(weight.ravel()) @ explicit, rtol=1e-10)
     np.testing.assert_allclose(_kronecker_project(volume, factors), explicit.T @ volume.ravel(), rtol=1e-10)
+
+
+def test_the_weighted_gram_matrix_is_the_explicit_jacobians():
+    """``weighted_gram``: J' W J with the deformation's columns (each displacement derivative times the basis) first."""
+    rng = np.random.default_rng(1)
+    factors = [rng.normal(size=(n, r)) for n, r in ((4, 2), (3, 3), (5, 2))]
+    weight = rng.uniform(0.5, 2.0, size=(4, 3, 5))
+    moved, columns = [rng.normal(size=(4, 3, 5)) for _ in range(3)], [rng.normal(size=(4, 3, 5)) for _ in range(2)]
+    basis = np.kron(np.kron(factors[0], factors[1]), factors[2])
+    jacobian = np.concatenate([0.7 * g.ravel()[:, None] * basis for g in moved] + [c.ravel()[:, None] for c in columns], axis=1)
+    np.testing.assert_allclose(weighted_gram(columns, moved, weight, factors, 0.7),
+                               jacobian.T @ np.diag(weight.ravel()) @ jacobian, rtol=1e-10)
+    dense = np.stack([c.ravel() for c in columns], axis=1)  # without a deformation: the dense columns alone
+    np.testing.assert_allclose(weighted_gram(columns, [], weight, factors, 0.7), dense.T @ np.diag(weight.ravel()) @ dense,
+                               rtol=1e-10)
 
 
 def test_warp_covariance_factors_give_the_generators_deformation_statistics():

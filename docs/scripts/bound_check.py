@@ -16,7 +16,7 @@ The fit is Levenberg-Marquardt on the negative log posterior (the noise's Gaussi
 from the image, plus the standard-normal priors of the scaled nuisance; the severity has none), with the same
 derivatives as the bound: central differences for the severity and the global numbers, and for the deformation the
 image's derivative by a displacement of each voxel times the Kronecker factors, so the normal equations are built
-axis by axis (``monai_mtl.floor``'s helpers) and solved whole (6,400 x 6,400, a Cholesky factorisation).
+axis by axis (``monai_mtl.floor.weighted_gram``, the bound's own) and solved whole (6,400 x 6,400, a Cholesky factorisation).
 
     python docs/scripts/bound_check.py data/synthetic --split runs/cv/fold_0/split.json --subjects 100 --workers 2
     OMP_NUM_THREADS=1 python docs/scripts/bound_check.py data/synthetic --split runs/cv/fold_0/split.json \\
@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import cho_factor, cho_solve
 
-from monai_mtl.floor import _kronecker_gram, _kronecker_project
+from monai_mtl.floor import weighted_gram
 
 #: the global nuisance in the render's keywords, each with its central-difference step (the bound's)
 GLOBAL = (("rotation_rad", 3, 1e-3), ("scale", 3, 1e-3), ("translation_mm", 3, 0.05), ("ventricle_scale", 1, 1e-3))
@@ -107,27 +107,17 @@ class PosteriorFit:
                                / (2 * step) * sd)
         columns.append((self.image_at(x, severity=SEVERITY_STEP) - self.image_at(x, severity=-SEVERITY_STEP))
                        / (2 * SEVERITY_STEP))
-        flat = np.stack([c.ravel() for c in columns])
-        dense, n = slice(3 * self.rank, None), 3 * self.rank + len(columns)
-        hessian, gradient = np.zeros((n, n)), np.zeros(n)
-        hessian[dense, dense] = (flat * self.weight.ravel()) @ flat.T
-        gradient[dense] = -flat @ (self.weight * residual).ravel()
+        moved = []  # the image's derivative by a displacement of each voxel along each axis (with the deformation)
         if self.rank:
-            sd, rank = self.config.warp_std_mm, self.rank
             warp = keywords["warp_mm"]
-            shifts = [DISPLACEMENT_STEP * np.eye(3)[k].reshape(3, 1, 1, 1) for k in range(3)]
-            moved = [(self.image_at(x, warp_mm=warp + s) - self.image_at(x, warp_mm=warp - s)) / (2 * DISPLACEMENT_STEP)
-                     for s in shifts]
             for k in range(3):
-                block = slice(k * rank, (k + 1) * rank)
-                for m in range(k, 3):
-                    other = slice(m * rank, (m + 1) * rank)
-                    hessian[block, other] = sd * sd * _kronecker_gram(moved[k] * moved[m] * self.weight, self.factors)
-                    hessian[other, block] = hessian[block, other].T
-                for c, column in enumerate(columns):
-                    hessian[block, 3 * rank + c] = hessian[3 * rank + c, block] = sd * _kronecker_project(
-                        moved[k] * self.weight * column, self.factors)
-                gradient[block] = -sd * _kronecker_project(moved[k] * self.weight * residual, self.factors)
+                shift = DISPLACEMENT_STEP * np.eye(3)[k].reshape(3, 1, 1, 1)
+                moved.append((self.image_at(x, warp_mm=warp + shift) - self.image_at(x, warp_mm=warp - shift))
+                             / (2 * DISPLACEMENT_STEP))
+        # the residual as one more column: its row of J' W J is minus the gradient of the data term
+        gram = weighted_gram(columns + [residual], moved, self.weight, self.factors, self.config.warp_std_mm)
+        hessian, gradient = gram[:-1, :-1], -gram[:-1, -1]
+        n = len(gradient)
         prior = np.arange(n) < n - 1  # every unknown but the severity has a standard-normal prior
         hessian[np.diag_indices(n)] += prior
         gradient += np.where(prior, x, 0.0)
