@@ -278,6 +278,20 @@ def _kronecker_project(volume: np.ndarray, factors: list[np.ndarray]) -> np.ndar
     return volume.ravel()
 
 
+#: the global nuisance an observer must read from the scan: the render's keyword, its size and the central-difference
+#: step of its derivative (radians, scale, mm, ventricle scale)
+GLOBAL_NUISANCE = (("rotation_rad", 3, 1e-3), ("scale", 3, 1e-3), ("translation_mm", 3, 0.05), ("ventricle_scale", 1, 1e-3))
+
+
+def global_nuisance_prior(config: CohortConfig) -> tuple[list[np.ndarray], list[float]]:
+    """Gaussian priors of :data:`GLOBAL_NUISANCE`: means and standard deviations (the generator's uniform ``±a`` draws
+    taken as ``a / sqrt(3)``, the ventricle scale's normal draw as it is)."""
+    means = [np.zeros(3), np.ones(3), np.zeros(3), np.ones(1)]
+    sds = [math.radians(config.rotation_deg) / math.sqrt(3), config.scale_range / math.sqrt(3),
+           config.translation_mm / math.sqrt(3), config.ventricle_scale_std]
+    return means, sds
+
+
 def weighted_gram(columns: list[np.ndarray], moved: list[np.ndarray], weight: np.ndarray, factors: list[np.ndarray],
                   warp_std_mm: float) -> np.ndarray:
     """``J' W J`` for ``J = [warp_std_mm * (g_k F) for k in 0..2, *columns]``, made axis by axis.
@@ -331,12 +345,9 @@ def anatomy_unknown_mae(config: CohortConfig, index: int, step: float = 0.5) -> 
     weight = 1.0 / (config.noise_std**2 + (config.intensity_shift * clean) ** 2 / 3.0)
     axes = np.eye(3)
     # the global nuisance, each column scaled by its prior's standard deviation
-    columns = [derivative("rotation_rad", subject.rotation_rad, 1e-3 * e) * math.radians(config.rotation_deg) / math.sqrt(3)
-               for e in axes]
-    columns += [derivative("scale", subject.scale, 1e-3 * e) * config.scale_range / math.sqrt(3) for e in axes]
-    columns += [derivative("translation_mm", subject.translation_mm, 0.05 * e) * config.translation_mm / math.sqrt(3)
-                for e in axes]
-    columns.append(derivative("ventricle_scale", subject.ventricle_scale, 1e-3) * config.ventricle_scale_std)
+    columns = [derivative(name, getattr(subject, name), step * e) * sd
+               for (name, size, step), sd in zip(GLOBAL_NUISANCE, global_nuisance_prior(config)[1])
+               for e in (axes if size > 1 else [1.0])]
     # each voxel's image moves with its own deformation: a constant offset gives every voxel's derivative at once
     gradient = [derivative("warp_offset_mm", np.zeros(3), 0.05 * e) for e in axes]
     factors = warp_covariance_factors(config.shape, config.spacing_mm, config.warp_smoothness_mm)
@@ -350,4 +361,4 @@ def anatomy_unknown_mae(config: CohortConfig, index: int, step: float = 0.5) -> 
 
 
 __all__ = ["GRID_POINTS", "TOLERANCE", "log_likelihood", "estimate_severity", "response_limit", "information_limit",
-           "cramer_rao_mae", "weighted_gram", "anatomy_unknown_mae"]
+           "cramer_rao_mae", "GLOBAL_NUISANCE", "global_nuisance_prior", "weighted_gram", "anatomy_unknown_mae"]

@@ -40,10 +40,8 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import cho_factor, cho_solve
 
-from monai_mtl.floor import weighted_gram
+from monai_mtl.floor import GLOBAL_NUISANCE, global_nuisance_prior, weighted_gram
 
-#: the global nuisance in the render's keywords, each with its central-difference step (the bound's)
-GLOBAL = (("rotation_rad", 3, 1e-3), ("scale", 3, 1e-3), ("translation_mm", 3, 0.05), ("ventricle_scale", 1, 1e-3))
 #: the severity's central-difference step (points) and the displacement's (mm)
 SEVERITY_STEP, DISPLACEMENT_STEP = 0.5, 0.05
 
@@ -68,9 +66,7 @@ class PosteriorFit:
 
         self.config, self.render, self.image = config, render, image.astype(np.float64)
         self.weight = 1.0 / (config.noise_std**2 + (config.intensity_shift * self.image) ** 2 / 3.0)
-        self.mean = [np.zeros(3), np.ones(3), np.zeros(3), np.ones(1)]
-        self.sd = [math.radians(config.rotation_deg) / math.sqrt(3), config.scale_range / math.sqrt(3),
-                   config.translation_mm / math.sqrt(3), config.ventricle_scale_std]
+        self.mean, self.sd = global_nuisance_prior(config)  # the bound's priors
         deformed = config.warp_std_mm > 0
         self.factors = warp_covariance_factors(config.shape, config.spacing_mm, config.warp_smoothness_mm) if deformed else []
         self.rank = math.prod(f.shape[1] for f in self.factors) if deformed else 0
@@ -78,7 +74,7 @@ class PosteriorFit:
     def keywords(self, x: np.ndarray) -> dict:
         """The render's keywords at ``x`` (the deformation's field from its coefficients)."""
         values, start = {}, 3 * self.rank
-        for (name, size, _), mean, sd in zip(GLOBAL, self.mean, self.sd):
+        for (name, size, _), mean, sd in zip(GLOBAL_NUISANCE, self.mean, self.sd):
             value = mean + sd * x[start:start + size]
             values[name] = float(value[0]) if size == 1 else value
             start += size
@@ -99,7 +95,7 @@ class PosteriorFit:
         keywords = self.keywords(x)
         residual = self.image - self.image_at(x)
         columns = []  # the global numbers' derivatives in prior standard deviations, then the severity's
-        for (name, size, step), sd in zip(GLOBAL, self.sd):
+        for (name, size, step), sd in zip(GLOBAL_NUISANCE, self.sd):
             for k in range(size):
                 delta = step * np.eye(size)[k] if size > 1 else step
                 value = keywords[name]
